@@ -1,0 +1,1 @@
+"""Command-line interfaces: ``blockfinder`` and ``impartial-train``."""
