@@ -1,0 +1,327 @@
+"""Hook engine: gradient surgery on the autograd graph of each step, in one backward pass.
+
+After the forward pass, the autograd graph of the losses is walked (milliseconds) and the branch
+points are found on it with the same reach-set rule as :mod:`blockfinder.blocks`. For a branch value
+``v`` (output ``i`` of autograd node ``N``) every consumer of ``v`` gets a post-hook that takes its
+contribution to ``v``'s gradient out of the engine's accumulation and into the stream it belongs to;
+a pre-hook on ``N`` runs once all consumers are done, aggregates the streams and hands ``N`` the
+result. Regularizer-only streams are never taken out: they reach ``N`` unchanged. This works for any
+model that runs eagerly (Python control flow, ``detach``, ``no_grad``, custom autograd functions)
+and imposes nothing on the user's tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from blockfinder.autograd_capture import walk
+from impartial_train.engine.stats import PointStats
+
+MethodFactory = Callable[[], torch.nn.Module]
+
+
+@dataclass
+class SurgeryPoint:
+    """One branch point on this step's autograd graph.
+
+    ``consumers``: ``(node, slots, stream)`` for consumers whose outputs all lie in one stream;
+    ``split_consumers``: multi-output consumers whose outputs lie in different streams (``chunk``,
+    ``split``, ``unbind``): ``(node, slots, {stream: output indices})``; stream ``-1`` is a
+    regularizer-only group whose contribution bypasses the surgery.
+    """
+
+    node: Any
+    index: int
+    streams: list[int]
+    consumers: list[tuple[Any, list[int], int]]
+    split_consumers: list[tuple[Any, list[int], dict[int, list[int]]]]
+    key: tuple = ()
+    label: str = ""
+
+
+def _popcount(bits: int) -> int:
+    return bin(bits).count("1")
+
+
+def plan_surgery(
+    loss_tensors: Mapping[str, torch.Tensor],
+    tasks: Sequence[str],
+    trainable: set[int],
+) -> list[SurgeryPoint]:
+    """Find the branch points of this step's autograd graph where >= 2 task streams meet.
+
+    ``trainable``: ids of the trainable parameters (leaves that are not parameters are inputs).
+    Losses not in ``tasks`` are regularizers: their streams bypass the surgery.
+    """
+    names = list(loss_tensors)
+    task_mask = 0
+    root_bits: dict[tuple[Any, int], int] = {}
+    for bit, name in enumerate(names):
+        tensor = loss_tensors[name]
+        if name in tasks:
+            task_mask |= 1 << bit
+        if tensor.grad_fn is not None:
+            value = (tensor.grad_fn, tensor.output_nr)
+            root_bits[value] = root_bits.get(value, 0) | 1 << bit
+    walked = walk(root_bits)
+    # Reverse topological order over autograd nodes (Kahn on consumer counts).
+    pending: dict[Any, int] = {node: 0 for node in walked.nodes}
+    for node in walked.nodes:
+        for next_node, _ in node.next_functions:
+            if next_node is not None:
+                pending[next_node] += 1
+    ready = [node for node, count in pending.items() if count == 0]
+    order: list[Any] = []
+    while ready:
+        node = ready.pop()
+        order.append(node)
+        for next_node, _ in node.next_functions:
+            if next_node is not None:
+                pending[next_node] -= 1
+                if pending[next_node] == 0:
+                    ready.append(next_node)
+    value_reach: dict[tuple[Any, int], int] = {}
+    node_reach: dict[Any, int] = {}
+    for node in order:
+        bits = 0
+        for index in walked.outputs[node]:
+            value = (node, index)
+            vbits = root_bits.get(value, 0)
+            for consumer in walked.uses[value]:
+                vbits |= node_reach[consumer]
+            value_reach[value] = vbits
+            bits |= vbits
+        node_reach[node] = bits
+    trainable_dep: dict[Any, bool] = {}
+    for node in reversed(order):
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            trainable_dep[node] = id(variable) in trainable
+        else:
+            trainable_dep[node] = any(
+                trainable_dep.get(n, False) for n, _ in node.next_functions if n is not None
+            )
+    points: list[SurgeryPoint] = []
+    for node in reversed(order):
+        if not trainable_dep[node]:
+            continue
+        for index in sorted(walked.outputs[node]):
+            value = (node, index)
+            if _popcount(value_reach[value] & task_mask) < 2:
+                continue
+            point = _plan_point(value, walked, value_reach, node_reach, task_mask)
+            if point is not None:
+                points.append(point)
+    return points
+
+
+def _plan_point(value, walked, value_reach, node_reach, task_mask) -> SurgeryPoint | None:
+    node, index = value
+    groups: dict[int, list[tuple[Any, list[int], list[int] | None]]] = {}
+    seen: set[Any] = set()
+    for consumer in walked.uses[value]:
+        if consumer in seen:
+            continue
+        seen.add(consumer)
+        slots = [s for s, nf in enumerate(consumer.next_functions) if nf == (node, index)]
+        outputs = walked.outputs[consumer]
+        by_reach: dict[int, list[int]] = {}
+        for out in outputs:
+            by_reach.setdefault(value_reach[(consumer, out)], []).append(out)
+        by_reach.pop(0, None)
+        if len(by_reach) <= 1:
+            groups.setdefault(node_reach[consumer], []).append((consumer, slots, None))
+        else:
+            for bits, outs in by_reach.items():
+                groups.setdefault(bits, []).append((consumer, slots, outs))
+    groups.pop(0, None)
+    task_groups = sorted(
+        (bits for bits in groups if bits & task_mask), key=lambda b: ((b & -b).bit_length(), b)
+    )
+    if len(task_groups) < 2:
+        return None
+    stream_of = {bits: i for i, bits in enumerate(task_groups)}
+    consumers: list[tuple[Any, list[int], int]] = []
+    split: dict[Any, tuple[list[int], dict[int, list[int]]]] = {}
+    for bits, members in groups.items():
+        stream = stream_of.get(bits, -1)
+        for consumer, slots, outs in members:
+            if outs is None:
+                if stream >= 0:
+                    consumers.append((consumer, slots, stream))
+            else:
+                split.setdefault(consumer, (slots, {}))[1].setdefault(stream, []).extend(outs)
+    return SurgeryPoint(
+        node=node,
+        index=index,
+        streams=task_groups,
+        consumers=consumers,
+        split_consumers=[(c, s, g) for c, (s, g) in split.items()],
+    )
+
+
+@dataclass
+class _PointRun:
+    """The state of one branch point during one backward pass."""
+
+    point: SurgeryPoint
+    method: torch.nn.Module
+    stats: PointStats
+    losses: torch.Tensor | None
+    stash: list[torch.Tensor | None] = field(default_factory=list)
+    bypass: torch.Tensor | None = None
+    emitted_zero: bool = False
+
+
+class HookEngine:
+    """Installs the hooks of :func:`plan_surgery`'s points on one step's autograd graph."""
+
+    def __init__(self, rescale: bool = True, gramian_hook: Callable | None = None) -> None:
+        self.rescale = rescale
+        # gramian_hook(gramian) -> gramian: e.g. an all-reduce under data parallelism
+        self.gramian_hook = gramian_hook
+
+    def install(
+        self,
+        points: Sequence[SurgeryPoint],
+        methods: Sequence[torch.nn.Module],
+        stats: Sequence[PointStats],
+        stream_losses: Sequence[torch.Tensor | None],
+    ) -> None:
+        runs = [
+            _PointRun(point=p, method=m, stats=s, losses=lo, stash=[None] * len(p.streams))
+            for p, m, s, lo in zip(points, methods, stats, stream_losses)
+        ]
+        post: dict[Any, list[tuple[int, _PointRun, int | None]]] = {}
+        pre_split: dict[Any, list[tuple[list[int], _PointRun, dict[int, list[int]]]]] = {}
+        targets: dict[Any, list[_PointRun]] = {}
+        for run in runs:
+            point = run.point
+            targets.setdefault(point.node, []).append(run)
+            for consumer, slots, stream in point.consumers:
+                for slot in slots:
+                    post.setdefault(consumer, []).append((slot, run, stream))
+            for consumer, slots, groups in point.split_consumers:
+                pre_split.setdefault(consumer, []).append((slots, run, groups))
+                for slot in slots:
+                    post.setdefault(consumer, []).append((slot, run, None))
+        for consumer, entries in pre_split.items():
+            consumer.register_prehook(_split_prehook(consumer, entries))
+        for consumer, entries in post.items():
+            consumer.register_hook(_consumer_hook(entries))
+        for node, node_runs in targets.items():
+            node.register_prehook(self._target_prehook(node_runs))
+
+    def _target_prehook(self, runs: list[_PointRun]):
+        def hook(grad_outputs):
+            grads = list(grad_outputs)
+            changed = False
+            for run in runs:
+                combined = self._combine(run)
+                if combined is None:
+                    continue
+                index = run.point.index
+                current = grads[index]
+                combined = combined.reshape(current.shape).to(current.dtype)
+                if run.bypass is not None:
+                    combined = combined + run.bypass.reshape(current.shape)
+                # current holds the regularizer streams (plus the zero placeholder)
+                grads[index] = current + combined
+                changed = True
+            return tuple(grads) if changed else None
+
+        return hook
+
+    def _combine(self, run: _PointRun) -> torch.Tensor | None:
+        present = [i for i, g in enumerate(run.stash) if g is not None]
+        if not present:
+            return None
+        rows = torch.stack([run.stash[i].reshape(-1) for i in present])
+        run.stash = [None] * len(run.stash)
+        stats = run.stats
+        stats.dropped = []
+        finite = torch.isfinite(rows).all(dim=1)
+        if not bool(finite.all()):
+            keep = [i for i, ok in zip(present, finite.tolist()) if ok]
+            stats.dropped = [i for i in present if i not in keep]
+            if not keep:
+                stats.gramian, stats.weights = None, None
+                return rows.sum(dim=0)
+            rows = rows[finite]
+            present = keep
+        work = rows if rows.dtype in (torch.float32, torch.float64) else rows.float()
+        gramian = work @ work.T
+        if self.gramian_hook is not None:
+            gramian = self.gramian_hook(gramian)
+        losses = run.losses[present] if run.losses is not None else None
+        if len(present) == 1:
+            result_gradient, weights = work[0], torch.ones(1, dtype=work.dtype, device=work.device)
+        else:
+            result = run.method(work, gramian=gramian, losses=losses)
+            result_gradient, weights = result.gradient, result.weights
+        if self.rescale:
+            g64 = gramian.double()
+            target = g64.sum().clamp_min(0).sqrt()
+            if weights is not None:
+                w = weights.double()
+                current = (w @ g64 @ w).clamp_min(0).sqrt()
+            else:
+                current = result_gradient.double().norm()
+            scale = torch.where(current > 0, target / current.clamp_min(1e-300), 1.0)
+            result_gradient = result_gradient * scale.to(result_gradient.dtype)
+            stats.scale = scale
+        stats.gramian = gramian.detach()
+        stats.weights = None if weights is None else weights.detach()
+        return result_gradient.to(rows.dtype)
+
+
+def _consumer_hook(entries: list[tuple[int, _PointRun, int | None]]):
+    def hook(grad_inputs, grad_outputs):
+        grads = list(grad_inputs)
+        for slot, run, stream in entries:
+            grad = grads[slot]
+            if grad is None:
+                continue
+            if stream is not None:
+                previous = run.stash[stream]
+                run.stash[stream] = grad if previous is None else previous + grad
+            if run.emitted_zero:
+                grads[slot] = None
+            else:
+                # The engine must still see a defined gradient for the target; a zero-strided
+                # placeholder costs no memory and is replaced in the target's pre-hook.
+                grads[slot] = grad.new_zeros(()).expand_as(grad)
+                run.emitted_zero = True
+        return tuple(grads)
+
+    return hook
+
+
+def _split_prehook(node, entries):
+    """For multi-output consumers with outputs in different streams: one call per stream."""
+
+    def hook(grad_outputs):
+        for slots, run, groups in entries:
+            for stream, outs in groups.items():
+                masked = [g if i in outs else None for i, g in enumerate(grad_outputs)]
+                if all(g is None for g in masked):
+                    continue
+                contribution = node(*masked)
+                if isinstance(contribution, torch.Tensor):
+                    contribution = (contribution,)
+                for slot in slots:
+                    grad = contribution[slot]
+                    if grad is None:
+                        continue
+                    if stream < 0:
+                        run.bypass = grad if run.bypass is None else run.bypass + grad
+                    else:
+                        prev = run.stash[stream]
+                        run.stash[stream] = grad if prev is None else prev + grad
+        return None
+
+    return hook
