@@ -35,6 +35,7 @@ class AutogradWalk:
     uses: dict[Value, list[Any]]
     nodes: list[Any]
     outputs: dict[Any, list[int]]  # autograd node -> its output indices that are used
+    inputs: dict[Any, tuple]  # autograd node -> its next_functions (read once: each read allocates)
 
 
 def walk(roots: Iterable[Value]) -> AutogradWalk:
@@ -44,6 +45,7 @@ def walk(roots: Iterable[Value]) -> AutogradWalk:
     uses: dict[Value, list[Any]] = {}
     outputs: dict[Any, list[int]] = {}
     nodes: list[Any] = []
+    inputs: dict[Any, tuple] = {}
     stack: list[Any] = []
 
     def add_value(value: Value) -> None:
@@ -64,13 +66,13 @@ def walk(roots: Iterable[Value]) -> AutogradWalk:
             add_value(root)
     while stack:
         node = stack.pop()
-        for next_node, index in node.next_functions:
-            if next_node is None:
+        nexts = inputs[node] = node.next_functions
+        for value in nexts:
+            if value[0] is None:
                 continue
-            value = (next_node, index)
             add_value(value)
             uses[value].append(node)
-    return AutogradWalk(values=values, uses=uses, nodes=nodes, outputs=outputs)
+    return AutogradWalk(values=values, uses=uses, nodes=nodes, outputs=outputs, inputs=inputs)
 
 
 def parameter_names(model: nn.Module) -> tuple[dict[int, str], dict[str, tuple[str, ...]]]:

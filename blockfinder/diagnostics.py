@@ -129,7 +129,7 @@ def measure(
         if not rec["g"]:
             continue
         entry = {
-            "id": _match(report, rec["streams"]),
+            "id": _match(report, rec["streams"], rec["module"]),
             "where": rec["module"] or "<top>",
             "op": rec["func"],
             "streams": [list(s) for s in rec["streams"]],
@@ -139,9 +139,14 @@ def measure(
     return {"batches": count, "branch_points": entries}
 
 
-def _match(report: BlockReport | None, streams: tuple[tuple[str, ...], ...]) -> int | None:
+def _match(
+    report: BlockReport | None, streams: tuple[tuple[str, ...], ...], module: str
+) -> int | None:
+    """The report's branch point with these streams (and, to break ties, this module)."""
     if report is None:
         return None
     wanted = {frozenset(s) for s in streams}
-    found = [bp.id for bp in report.branch_points if set(bp.streams) == wanted]
-    return found[0] if len(found) == 1 else None
+    found = [bp for bp in report.branch_points if set(bp.streams) == wanted]
+    if len(found) > 1:
+        found = [bp for bp in found if bp.where == (module or "<top>")] or found
+    return found[0].id if len(found) == 1 else None

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from blockfinder.errors import LossError, ModelRunError
+from blockfinder.errors import BlockfinderError, LossError, ModelRunError
 
 LossesFn = Callable[[nn.Module, Any], Mapping[str, torch.Tensor]]
 
@@ -41,6 +41,8 @@ def call_losses(losses_fn: LossesFn, model: nn.Module, batch: Any) -> dict[str, 
     """
     try:
         out = losses_fn(model, batch)
+    except BlockfinderError:
+        raise
     except Exception as exc:
         raise ModelRunError(
             f"computing the losses failed: {_describe_error(exc)}; check that the model runs on "

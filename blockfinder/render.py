@@ -223,8 +223,9 @@ def _loss_label(name: str, report: BlockReport) -> list[str]:
     return lines
 
 
-def _bp_lines(bp: Any) -> tuple[list[str], list[str]]:
-    streams = [" + ".join(sorted(s)) for s in bp.streams]
+def _bp_lines(bp: Any, order: list[str]) -> tuple[list[str], list[str]]:
+    pos = {n: i for i, n in enumerate(order)}
+    streams = [" + ".join(sorted(s, key=lambda n: (pos.get(n, len(pos)), n))) for s in bp.streams]
     label = [f"BP{bp.id}", _short(bp.where, 40)]
     shp = _shape_str(bp.shape)
     if shp:
@@ -398,11 +399,25 @@ def _build_view(report: BlockReport, depth: int, ops: bool, max_nodes: int) -> _
         ku, kv = key[u], key[v]
         if ku == kv:
             continue
-        e = (ids[ku], ids[kv])
         grad = ea.get("grad")
         grad = True if grad is None else bool(grad)
+        if not grad and _is_target_feed(nodes_attrs[u], nodes_attrs[v]):
+            continue
+        e = (ids[ku], ids[kv])
         edges[e] = edges.get(e, False) or grad
-    return _View(vnodes, edges)
+    return _without_isolated_inputs(_View(vnodes, edges))
+
+
+def _is_target_feed(src: dict[str, Any], dst: dict[str, Any]) -> bool:
+    """Data (no gradient) from an input into the computation of a single loss: typically the
+    target of a likelihood. Left out of module-level pictures, where it only adds clutter."""
+    return src.get("op") == "input" and len(_bits(_int(dst.get("reach")))) <= 1
+
+
+def _without_isolated_inputs(view: _View) -> _View:
+    used = {u for u, _ in view.edges} | {v for _, v in view.edges}
+    view.nodes = [v for v in view.nodes if v.kind != "input" or v.id in used]
+    return view
 
 
 def _reach_names(reach: int, order: list[str]) -> str:
@@ -426,7 +441,7 @@ def _single_node(
     cluster = mod if depth is None else mod[:depth]
     shp = _shape_str(a.get("shape"))
     if n in bp_of:
-        label, tip = _bp_lines(bp_of[n])
+        label, tip = _bp_lines(bp_of[n], order)
         return _VNode(vid, "bp", label, cluster, reach, True, bp=bp_of[n], tooltip=tip)
     if op == "loss":
         name = str(a.get("loss") or n)
@@ -441,7 +456,8 @@ def _single_node(
             tooltip=[f"loss {name}"],
         )
     if op == "input":
-        label = ["input", _short(str(a.get("target") or n), 30)]
+        target = a.get("target")
+        label = ["input", _short(str(n if target in (None, "input") else target), 30)]
         if shp:
             label.append(shp)
         return _VNode(vid, "input", label, (), reach, False, tooltip=[f"input {n} {shp}"])
@@ -477,7 +493,7 @@ def _op_view(report: BlockReport, visible: list, visible_set: set, bp_of: dict) 
         grad = ea.get("grad")
         e = (ids[u], ids[v])
         edges[e] = edges.get(e, False) or (True if grad is None else bool(grad))
-    return _View(vnodes, edges)
+    return _without_isolated_inputs(_View(vnodes, edges))
 
 
 # --------------------------------------------------------------------------------------------
@@ -575,7 +591,21 @@ def _emit_node(
 ) -> None:
     attrs = _style(v, colors, color_map)
     tip = v.tooltip[: _MAX_TOOLTIP_LINES + 4] if v.tooltip else v.label
-    g.node(v.id, label=_lines(v.label), tooltip=_lines(tip), **attrs)
+    if "striped" in attrs.get("style", ""):
+        # the stripes frame a white label: readable however many losses the node reaches
+        label: str = _html_label(v.label)
+        attrs["margin"] = "0.14,0.09"
+    else:
+        label = _lines(v.label)
+    g.node(v.id, label=label, tooltip=_lines(tip), **attrs)
+
+
+def _html_label(lines: list[str]) -> str:
+    body = "<br/>".join(html.escape(s) for s in lines if s != "")
+    return (
+        '<<table border="0" cellborder="0" cellspacing="0" cellpadding="2" bgcolor="white">'
+        f"<tr><td>{body}</td></tr></table>>"
+    )
 
 
 def _legend(g: graphviz.Digraph, report: BlockReport, colors: dict[str, str]) -> None:
@@ -598,11 +628,12 @@ def _legend(g: graphviz.Digraph, report: BlockReport, colors: dict[str, str]) ->
         stripes = ":".join((tasks * 2)[:2])
         c.node(
             "legend_shared",
-            label="shared\\n(stripes: the losses\\nit reaches)",
+            label=_html_label(["shared", "(stripes: the losses", "it reaches)"]),
             shape="box",
             style="striped",
             fillcolor=stripes,
             penwidth="2.5",
+            margin="0.14,0.09",
             tooltip="shared: gradients of several losses meet here",
         )
         c.node(
@@ -683,6 +714,9 @@ def _title(report: BlockReport, depth: int, ops: bool) -> str:
 def _atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

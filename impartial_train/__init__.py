@@ -1,5 +1,11 @@
-"""impartial_train: train a multi-loss model impartially, with gradient surgery at its branch points."""
+"""impartial_train: train a multi-loss model impartially, with surgery at its branch points.
+
+>>> imodel = impartial_train.wrap(model, example_batch, losses=compute_losses, method="pcgrad")
+>>> out = imodel(batch); sum(out.values()).backward(); optimizer.step()
+"""
 
 from blockfinder._version import __version__
+from impartial_train import methods
+from impartial_train.wrap import ImpartialModel, wrap
 
-__all__ = ["__version__"]
+__all__ = ["ImpartialModel", "__version__", "methods", "wrap"]

@@ -43,10 +43,6 @@ class SurgeryPoint:
     label: str = ""
 
 
-def _popcount(bits: int) -> int:
-    return bin(bits).count("1")
-
-
 def plan_surgery(
     loss_tensors: Mapping[str, torch.Tensor],
     tasks: Sequence[str],
@@ -69,9 +65,10 @@ def plan_surgery(
             root_bits[value] = root_bits.get(value, 0) | 1 << bit
     walked = walk(root_bits)
     # Reverse topological order over autograd nodes (Kahn on consumer counts).
+    inputs = walked.inputs
     pending: dict[Any, int] = {node: 0 for node in walked.nodes}
     for node in walked.nodes:
-        for next_node, _ in node.next_functions:
+        for next_node, _ in inputs[node]:
             if next_node is not None:
                 pending[next_node] += 1
     ready = [node for node, count in pending.items() if count == 0]
@@ -79,7 +76,7 @@ def plan_surgery(
     while ready:
         node = ready.pop()
         order.append(node)
-        for next_node, _ in node.next_functions:
+        for next_node, _ in inputs[node]:
             if next_node is not None:
                 pending[next_node] -= 1
                 if pending[next_node] == 0:
@@ -103,7 +100,7 @@ def plan_surgery(
             trainable_dep[node] = id(variable) in trainable
         else:
             trainable_dep[node] = any(
-                trainable_dep.get(n, False) for n, _ in node.next_functions if n is not None
+                trainable_dep.get(n, False) for n, _ in inputs[node] if n is not None
             )
     points: list[SurgeryPoint] = []
     for node in reversed(order):
@@ -111,7 +108,10 @@ def plan_surgery(
             continue
         for index in sorted(walked.outputs[node]):
             value = (node, index)
-            if _popcount(value_reach[value] & task_mask) < 2:
+            if (value_reach[value] & task_mask).bit_count() < 2:
+                continue
+            users = walked.uses[value]
+            if len(users) == 1 and len(walked.outputs[users[0]]) == 1:
                 continue
             point = _plan_point(value, walked, value_reach, node_reach, task_mask)
             if point is not None:
@@ -127,7 +127,7 @@ def _plan_point(value, walked, value_reach, node_reach, task_mask) -> SurgeryPoi
         if consumer in seen:
             continue
         seen.add(consumer)
-        slots = [s for s, nf in enumerate(consumer.next_functions) if nf == (node, index)]
+        slots = [s for s, nf in enumerate(walked.inputs[consumer]) if nf == value]
         outputs = walked.outputs[consumer]
         by_reach: dict[int, list[int]] = {}
         for out in outputs:

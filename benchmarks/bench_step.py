@@ -1,0 +1,178 @@
+"""Cost of an impartial training step against a plain one, measured interleaved in one process.
+
+Model: a product-of-experts multimodal VAE (one encoder and one decoder per modality, hidden 512,
+batch 256, CPU, 1 thread). Streams S = number of modalities; the branch point is the joint latent
+sample fanned out to the S decoders. For each S and method, plain and impartial steps alternate
+(so drifts in machine speed hit both alike) and the median ratio is printed, together with the cost
+of the per-task approach (one backward per task through the shared part, as LibMTL does) and the
+peak memory ratio (tracemalloc is blind to torch's allocator, so the resident-set growth of a fresh
+subprocess per configuration is used).
+
+Run: ``python benchmarks/bench_step.py [--streams 4 8 16] [--methods pcgrad imtl-g mgda]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+from torch.distributions import Normal, kl_divergence
+
+
+class PoEVAE(nn.Module):
+    def __init__(self, modalities: int, dim: int = 64, hidden: int = 512, latent: int = 32):
+        super().__init__()
+        self.names = [f"m{i}" for i in range(modalities)]
+        self.enc = nn.ModuleDict(
+            {
+                n: nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, 2 * latent))
+                for n in self.names
+            }
+        )
+        self.dec = nn.ModuleDict(
+            {
+                n: nn.Sequential(nn.Linear(latent, hidden), nn.ReLU(), nn.Linear(hidden, dim))
+                for n in self.names
+            }
+        )
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        precision_sum, weighted_mean = 1.0, 0.0  # prior expert N(0, 1)
+        for name in self.names:
+            mu, logvar = self.enc[name](batch[name]).chunk(2, dim=-1)
+            precision = torch.exp(-logvar)
+            precision_sum = precision_sum + precision
+            weighted_mean = weighted_mean + mu * precision
+        var = 1.0 / precision_sum
+        q = Normal(weighted_mean * var, var.sqrt())
+        z = q.rsample()
+        out = {
+            name: -Normal(self.dec[name](z), 1.0).log_prob(batch[name]).sum(-1).mean()
+            for name in self.names
+        }
+        prior = Normal(torch.zeros_like(z), torch.ones_like(z))
+        out["kl"] = kl_divergence(q, prior).sum(-1).mean()
+        return out
+
+
+def make(modalities: int, batch_size: int = 256, seed: int = 0):
+    torch.manual_seed(seed)
+    model = PoEVAE(modalities)
+    batch = {n: torch.randn(batch_size, 64) for n in model.names}
+    return model, batch
+
+
+def plain_step(model, batch):
+    out = model(batch)
+    model.zero_grad(set_to_none=True)
+    sum(out.values()).backward()
+
+
+def per_task_step(model, batch):
+    """The per-task approach (LibMTL style): one backward per loss through the whole model."""
+    out = model(batch)
+    params = list(model.parameters())
+    names = list(out)
+    total = [torch.zeros_like(p) for p in params]
+    for i, name in enumerate(names):
+        grads = torch.autograd.grad(
+            out[name], params, retain_graph=i < len(names) - 1, allow_unused=True
+        )
+        for acc, grad in zip(total, grads):
+            if grad is not None:
+                acc.add_(grad)
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def measure(modalities: int, method: str, reps: int) -> dict:
+    import impartial_train as it
+
+    model, batch = make(modalities)
+    imodel = it.wrap(model, batch, method=method)
+
+    def impartial_step():
+        out = imodel(batch)
+        model.zero_grad(set_to_none=True)
+        sum(out.values()).backward()
+
+    for fn in (plain_step, impartial_step):  # warm-up (and the one-off capture)
+        fn() if fn is impartial_step else fn(model, batch)
+    plain, surgery, per_task = [], [], []
+    for _ in range(reps):
+        plain.append(timed(lambda: plain_step(model, batch)))
+        surgery.append(timed(impartial_step))
+        per_task.append(timed(lambda: per_task_step(model, batch)))
+    p, s, t = (statistics.median(x) for x in (plain, surgery, per_task))
+    return {
+        "streams": modalities,
+        "method": method,
+        "plain_ms": 1e3 * p,
+        "impartial_ms": 1e3 * s,
+        "ratio": s / p,
+        "per_task_ratio": t / p,
+    }
+
+
+def _peak_rss(modalities: int, method: str) -> float:
+    code = (
+        "import resource,sys,torch; torch.set_num_threads(1); sys.path.insert(0,'benchmarks');"
+        "import bench_step as b; import impartial_train as it;"
+        f"m,x=b.make({modalities});"
+        f"im=it.wrap(m,x,method={method!r}) if {method!r}!='plain' else None;"
+        "f=(lambda: b.plain_step(m,x)) if im is None else (lambda: sum(im(x).values()).backward());"
+        "[f() for _ in range(3)];"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--streams", type=int, nargs="+", default=[4, 8, 16])
+    parser.add_argument("--methods", nargs="+", default=["pcgrad", "imtl-g", "mgda"])
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--memory", action="store_true", help="also measure peak RSS ratios")
+    parser.add_argument("--json", help="write the rows to this file")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    print(
+        f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        "1 thread, PoE VAE hidden 512, batch 256"
+    )
+    print(
+        f"{'S':>3} {'method':<8} {'plain ms':>9} {'impartial ms':>13} {'ratio':>6} "
+        f"{'per-task':>9} {'mem':>6}"
+    )
+    rows = []
+    for streams in args.streams:
+        base_rss = _peak_rss(streams, "plain") if args.memory else None
+        for method in args.methods:
+            row = measure(streams, method, args.reps)
+            if base_rss:
+                row["memory_ratio"] = _peak_rss(streams, method) / base_rss
+            rows.append(row)
+            mem = f"{row['memory_ratio']:.3f}" if "memory_ratio" in row else "-"
+            print(
+                f"{streams:>3} {method:<8} {row['plain_ms']:>9.1f} {row['impartial_ms']:>13.1f} "
+                f"{row['ratio']:>6.3f} {row['per_task_ratio']:>8.2f}x {mem:>6}"
+            )
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()

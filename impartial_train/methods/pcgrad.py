@@ -1,0 +1,64 @@
+"""``pcgrad``: projecting conflicting gradients (Yu et al., NeurIPS 2020)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._base import GramianAggregator, RandomMixin, random_orders
+
+
+class PCGrad(RandomMixin, GramianAggregator):
+    r"""PCGrad, "Gradient Surgery for Multi-Task Learning".
+
+    Paper: T. Yu, S. Kumar, A. Gupta, S. Levine, K. Hausman, C. Finn, NeurIPS 2020,
+    arXiv:2001.06782 (Algorithm 1).
+
+    Formula: for every stream i, start from :math:`g_i^{PC} = g_i`; for every other stream j in a
+    random order, if :math:`g_i^{PC} \cdot g_j < 0` then
+    :math:`g_i^{PC} \leftarrow g_i^{PC} - \frac{g_i^{PC} \cdot g_j}{\|g_j\|^2} g_j`
+    (projection against the *original* g_j). Result :math:`\sum_i g_i^{PC}`.
+
+    Computed in stream space: each :math:`g_i^{PC}` is tracked as coefficients :math:`C_i` over
+    the rows (:math:`g_i^{PC} = C_i J`), so every inner product is read from the Gramian
+    (:math:`g_i^{PC} \cdot g_j = (C G)_{ij}`); the weights are :math:`w = 1^\top C`. The S inner
+    loops run simultaneously, one random permutation of the other streams per row, drawn from a
+    ``torch.Generator`` seeded by ``seed`` (its state is saved in the state dict).
+
+    Properties: positively homogeneous (the weights depend on the Gramian only through ratios);
+    permutation invariant in distribution only (the order is random); for two streams the
+    projected gradients and the result have no negative inner product with either stream
+    (non-conflicting for S = 2, not in general). One stream: the identity. Stateless apart from
+    the random generator.
+
+    Args:
+        seed: seed of the generator (None: non-deterministic).
+        shuffle: draw a random order each call (as in the paper); ``False`` uses ascending order.
+    """
+
+    name = "pcgrad"
+
+    def __init__(self, seed: int | None = None, shuffle: bool = True) -> None:
+        super().__init__()
+        self._init_random(seed)
+        self.shuffle = shuffle
+
+    def _repr_options(self) -> dict:
+        return {"seed": self.seed, "shuffle": self.shuffle}
+
+    def weights(self, gramian: Tensor, losses: Tensor | None) -> Tensor:
+        s = gramian.shape[0]
+        dev = gramian.device
+        coef = torch.eye(s, dtype=gramian.dtype, device=dev)
+        if s == 1:
+            return coef[0]
+        orders = random_orders(s, self.generator(dev) if self.shuffle else None, dev)
+        sq = gramian.diagonal()
+        safe_sq = torch.where(sq > 0, sq, 1.0)
+        rows = torch.arange(s, device=dev)
+        for k in range(s - 1):
+            j = orders[:, k]
+            dots = (coef @ gramian)[rows, j]
+            step = torch.where((dots < 0) & (sq[j] > 0), dots / safe_sq[j], 0.0)
+            coef[rows, j] -= step
+        return coef.sum(0)

@@ -1,0 +1,223 @@
+"""``wrap(model, example_batch, ...)``: the two-line library API for impartial training."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from blockfinder.analyze import analyze
+from blockfinder.context import ModuleStack, OpRecorder
+from blockfinder.errors import BlockfinderError
+from blockfinder.losses import LossesFn, call_losses, default_losses
+from blockfinder.report import BlockReport
+from impartial_train.engine.hooks import HookEngine, SurgeryPoint, plan_surgery
+from impartial_train.engine.stats import PointStats
+from impartial_train.methods import Aggregator, build
+
+ENGINES = ("auto", "hook")
+
+
+def input_signature(batch: Any) -> tuple:
+    """Structure, shapes and dtypes of a batch: a new signature re-captures once."""
+    leaves, spec = tree_flatten(batch)
+    parts = []
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            parts.append((tuple(leaf.shape), leaf.dtype, leaf.device.type))
+        else:
+            parts.append((type(leaf).__name__,))
+    return (str(spec), tuple(parts))
+
+
+class ImpartialModel:
+    """A model whose backward pass applies multitask gradient surgery at its branch points.
+
+    Call it like the model (``out = imodel(batch)`` returns the same mapping of losses); then
+    ``sum(out.values()).backward()`` runs ONE backward pass in which, at every branch point, the
+    gradients of the task streams are combined by ``method`` instead of summed (regularizer
+    streams bypass it) and, with ``rescale``, scaled back to the norm of the plain sum.
+
+    Parameters, buffers and ``state_dict()`` are the user's model's; in eval mode or under
+    ``torch.no_grad()`` the call is the plain model. Method state (e.g. GradNorm's weights) is kept
+    per branch point: ``method_parameters()``, ``methods_state_dict()``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_batch: Any = None,
+        losses: LossesFn | None = None,
+        method: str | Aggregator = "pcgrad",
+        regularizers: Iterable[str] = ("kl",),
+        rescale: bool = True,
+        engine: str = "auto",
+        method_args: Mapping[str, Any] | None = None,
+        gramian_hook=None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise BlockfinderError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if engine not in ENGINES:
+            raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+        self.module = model
+        self.losses_fn = losses or default_losses
+        self.method_spec = method
+        self.method_args = dict(method_args or {})
+        build(method, **self.method_args)  # fail early on a bad name or argument
+        self.regularizers = tuple(regularizers)
+        self.rescale = rescale
+        self.engine = HookEngine(rescale=rescale, gramian_hook=gramian_hook)
+        self._methods: dict[tuple, Aggregator] = {}
+        self._labels: dict[tuple, str] = {}
+        self._stats: dict[tuple, PointStats] = {}
+        self._signatures: set[tuple] = set()
+        self.report: BlockReport | None = None
+        if example_batch is not None:
+            self.report = analyze(model, example_batch, losses, regularizers)
+
+    # -- the user's model, unchanged -------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        if name == "module":
+            raise AttributeError(name)
+        return getattr(self.module, name)
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
+        return self.module.parameters(recurse)
+
+    def named_parameters(self, *args, **kwargs):
+        return self.module.named_parameters(*args, **kwargs)
+
+    def state_dict(self, *args, **kwargs):
+        return self.module.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, *args, **kwargs):
+        return self.module.load_state_dict(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> ImpartialModel:
+        self.module.train(mode)
+        return self
+
+    def eval(self) -> ImpartialModel:
+        self.module.eval()
+        return self
+
+    def to(self, *args, **kwargs) -> ImpartialModel:
+        self.module.to(*args, **kwargs)
+        for method in self._methods.values():
+            method.to(*args, **kwargs)
+        return self
+
+    # -- methods ---------------------------------------------------------------------------
+    @property
+    def is_vanilla(self) -> bool:
+        return isinstance(self.method_spec, str) and self.method_spec == "sum"
+
+    def method_parameters(self) -> Iterator[nn.Parameter]:
+        """Learnable parameters of the methods (e.g. GradNorm's weights), apart from the model's."""
+        for method in self._methods.values():
+            yield from method.parameters()
+
+    def methods_state_dict(self) -> dict[str, Any]:
+        return {self._key_name(k): m.state_dict() for k, m in self._methods.items()}
+
+    def load_methods_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._pending_state = dict(state)
+        for key, method in self._methods.items():
+            name = self._key_name(key)
+            if name in self._pending_state:
+                method.load_state_dict(self._pending_state.pop(name))
+
+    def last_stats(self) -> dict[str, dict[str, Any]]:
+        """Per branch point: stream norms, cosine matrix and weights used in the last backward."""
+        return {self._labels.get(k, str(k)): s.to_dict() for k, s in self._stats.items()}
+
+    @staticmethod
+    def _key_name(key: tuple) -> str:
+        node_type, index, streams, rank = key
+        return f"{node_type}:{index}:{'|'.join('+'.join(s) for s in streams)}:{rank}"
+
+    # -- the step --------------------------------------------------------------------------
+    def __call__(self, batch: Any) -> Mapping[str, torch.Tensor]:
+        if not self.module.training or not torch.is_grad_enabled():
+            return self.losses_fn(self.module, batch)
+        signature = input_signature(batch)
+        origin: dict[Any, tuple[str, str]] = {}
+        if signature not in self._signatures:
+            modules = ModuleStack(self.module)
+            recorder = OpRecorder(modules)
+            with modules, recorder:
+                losses = call_losses(self.losses_fn, self.module, batch)
+            origin = recorder.origin
+            self._signatures.add(signature)
+        else:
+            losses = self.losses_fn(self.module, batch)
+        if self.is_vanilla:
+            return losses
+        self._install(losses, origin)
+        return losses
+
+    def _install(self, losses: Mapping[str, torch.Tensor], origin: Mapping[Any, Any]) -> None:
+        names = list(losses)
+        tasks = [n for n in names if n not in self.regularizers]
+        trainable = {id(p) for p in self.module.parameters() if p.requires_grad}
+        points = plan_surgery(losses, tasks, trainable)
+        if not points:
+            return
+        values = torch.stack([losses[n].detach().reshape(()) for n in names])
+        methods, stats, stream_losses = [], [], []
+        ranks: dict[tuple, int] = {}
+        for point in points:
+            streams = tuple(
+                tuple(n for i, n in enumerate(names) if b >> i & 1) for b in point.streams
+            )
+            base = (type(point.node).__name__, point.index, streams)
+            rank = ranks.get(base, 0)
+            ranks[base] = rank + 1
+            key = (*base, rank)
+            point.key = key
+            if key not in self._methods:
+                method = build(self.method_spec, **self.method_args)
+                pending = getattr(self, "_pending_state", {})
+                if self._key_name(key) in pending:
+                    method.load_state_dict(pending.pop(self._key_name(key)))
+                self._methods[key] = method
+            if key not in self._labels:
+                func, module = origin.get(point.node, (None, ""))
+                func = func or type(point.node).__name__
+                self._labels[key] = f"bp{len(self._labels)}:{func}@{module or '<top>'}"
+            stat = self._stats.get(key)
+            if stat is None:
+                stat = PointStats(where=self._labels[key], streams=[list(s) for s in streams])
+                self._stats[key] = stat
+            methods.append(self._methods[key])
+            stats.append(stat)
+            masks = torch.tensor(
+                [[b >> i & 1 for i in range(len(names))] for b in point.streams],
+                dtype=values.dtype,
+                device=values.device,
+            )
+            stream_losses.append(masks @ values)
+        self.engine.install(points, methods, stats, stream_losses)
+
+
+def wrap(
+    model: nn.Module,
+    example_batch: Any = None,
+    losses: LossesFn | None = None,
+    method: str | Aggregator = "pcgrad",
+    regularizers: Iterable[str] = ("kl",),
+    rescale: bool = True,
+    **kwargs: Any,
+) -> ImpartialModel:
+    """Wrap ``model`` for impartial training; see :class:`ImpartialModel`.
+
+    >>> imodel = wrap(model, example_batch, losses=compute_losses, method="imtl-g")
+    >>> out = imodel(batch); sum(out.values()).backward(); optimizer.step()
+    """
+    return ImpartialModel(model, example_batch, losses, method, regularizers, rescale, **kwargs)
+
+
+__all__ = ["ImpartialModel", "SurgeryPoint", "input_signature", "wrap"]
