@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from blockfinder.autograd_capture import walk
+from impartial_train.engine.combine import combine_streams
 from impartial_train.engine.stats import PointStats
 
 MethodFactory = Callable[[], torch.nn.Module]
@@ -47,11 +48,13 @@ def plan_surgery(
     loss_tensors: Mapping[str, torch.Tensor],
     tasks: Sequence[str],
     trainable: set[int],
+    reach: dict[tuple[Any, int], int] | None = None,
 ) -> list[SurgeryPoint]:
     """Find the branch points of this step's autograd graph where >= 2 task streams meet.
 
     ``trainable``: ids of the trainable parameters (leaves that are not parameters are inputs).
-    Losses not in ``tasks`` are regularizers: their streams bypass the surgery.
+    Losses not in ``tasks`` are regularizers: their streams bypass the surgery. When ``reach`` is
+    given it receives the reach bitset (over the losses' order) of every autograd value.
     """
     names = list(loss_tensors)
     task_mask = 0
@@ -116,6 +119,8 @@ def plan_surgery(
             point = _plan_point(value, walked, value_reach, node_reach, task_mask)
             if point is not None:
                 points.append(point)
+    if reach is not None:
+        reach.update(value_reach)
     return points
 
 
@@ -237,46 +242,10 @@ class HookEngine:
         return hook
 
     def _combine(self, run: _PointRun) -> torch.Tensor | None:
-        present = [i for i, g in enumerate(run.stash) if g is not None]
-        if not present:
-            return None
-        rows = torch.stack([run.stash[i].reshape(-1) for i in present])
-        run.stash = [None] * len(run.stash)
-        stats = run.stats
-        stats.dropped = []
-        finite = torch.isfinite(rows).all(dim=1)
-        if not bool(finite.all()):
-            keep = [i for i, ok in zip(present, finite.tolist()) if ok]
-            stats.dropped = [i for i in present if i not in keep]
-            if not keep:
-                stats.gramian, stats.weights = None, None
-                return rows.sum(dim=0)
-            rows = rows[finite]
-            present = keep
-        work = rows if rows.dtype in (torch.float32, torch.float64) else rows.float()
-        gramian = work @ work.T
-        if self.gramian_hook is not None:
-            gramian = self.gramian_hook(gramian)
-        losses = run.losses[present] if run.losses is not None else None
-        if len(present) == 1:
-            result_gradient, weights = work[0], torch.ones(1, dtype=work.dtype, device=work.device)
-        else:
-            result = run.method(work, gramian=gramian, losses=losses)
-            result_gradient, weights = result.gradient, result.weights
-        if self.rescale:
-            g64 = gramian.double()
-            target = g64.sum().clamp_min(0).sqrt()
-            if weights is not None:
-                w = weights.double()
-                current = (w @ g64 @ w).clamp_min(0).sqrt()
-            else:
-                current = result_gradient.double().norm()
-            scale = torch.where(current > 0, target / current.clamp_min(1e-300), 1.0)
-            result_gradient = result_gradient * scale.to(result_gradient.dtype)
-            stats.scale = scale
-        stats.gramian = gramian.detach()
-        stats.weights = None if weights is None else weights.detach()
-        return result_gradient.to(rows.dtype)
+        stash, run.stash = run.stash, [None] * len(run.stash)
+        return combine_streams(
+            stash, run.method, run.stats, run.losses, self.rescale, self.gramian_hook
+        )
 
 
 def _consumer_hook(entries: list[tuple[int, _PointRun, int | None]]):

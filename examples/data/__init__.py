@@ -1,0 +1,1 @@
+"""Offline datasets of the example models: heterogeneous tables and PolyDigits."""
