@@ -248,10 +248,10 @@ def _run(
         timings["reconcile"] = time.perf_counter() - start
         graph, capture = structural.graph, structural.capture
         timings.update(structural.timings)
-        specializations = [*notes, *structural.specializations]
+        specializations = list(structural.specializations)
     else:
         graph, capture = truth.graph, "autograd"
-        specializations = list(notes)
+
 
     start = time.perf_counter()
     analysis = analyze_graph(graph, loss_names)
@@ -265,6 +265,7 @@ def _run(
         capture=capture,
         specializations=specializations,
         differences=differences,
+        notes=notes,
         aliases=aliases,
         graph=graph,
         loss_values={k: float(v.detach()) for k, v in truth.losses.items()},

@@ -71,6 +71,7 @@ class BlockReport:
     capture: str
     specializations: list[str] = field(default_factory=list)
     differences: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # e.g. which capture layers failed and why
     aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
     graph: nx.DiGraph | None = None
     loss_values: dict[str, float] = field(default_factory=dict)
@@ -95,6 +96,8 @@ class BlockReport:
         }
         if self.differences:
             out["differences"] = list(self.differences)
+        if self.notes:
+            out["notes"] = list(self.notes)
         if self.aliases:
             out["aliases"] = {k: list(v) for k, v in self.aliases.items()}
         if self.diagnostics is not None:

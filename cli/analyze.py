@@ -314,7 +314,9 @@ def print_report(report: Any, model: Any, name: str) -> None:
         cap.append(f"  ({timing * 1000:.0f} ms)", style="dim")
     con.print(cap, soft_wrap=True)
     for s in report.specializations:
-        con.print(Text(f"  • {s}", style="yellow"), soft_wrap=True)
+        con.print(Text(f"  • specialised: {s}", style="yellow"), soft_wrap=True)
+    for note in report.notes:
+        con.print(Text(f"  • {note}", style="dim"), soft_wrap=True)
     for d in report.differences:
         con.print(
             Text(f"  • difference from the autograd graph: {d}", style="yellow"), soft_wrap=True

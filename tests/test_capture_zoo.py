@@ -129,10 +129,10 @@ def test_branch_points_and_parameters(name, capture):
         model, batch, case.losses, case.regularizers, captures=captures, **case.options
     )
     if capture in handled:
-        assert report.capture == capture, report.specializations
+        assert report.capture == capture, report.notes
     else:
         assert report.capture == "autograd"
-        assert any(s.startswith(f"{capture} capture failed (") for s in report.specializations)
+        assert any(s.startswith(f"{capture} capture failed (") for s in report.notes)
     assert _key(report) == sorted(
         (kind, where, [sorted(s) for s in streams]) for kind, where, streams in expected
     )
@@ -164,8 +164,8 @@ def test_default_order_falls_back_to_export_then_draft_export():
     model, batch, _ = zoo.make("sequence")
     report = blockfinder.analyze(model, batch, regularizers=())
     assert report.capture == "export"
-    assert report.specializations[0].startswith("fx capture failed (TypeError:")
-    assert "\n" not in report.specializations[0]
+    assert report.notes[0].startswith("fx capture failed (TypeError:")
+    assert "\n" not in report.notes[0]
 
 
 @pytest.mark.slow
@@ -173,10 +173,10 @@ def test_tensor_valued_if_is_specialised_by_draft_export():
     model, batch, _ = zoo.make("masked_multimodal")
     report = blockfinder.analyze(model, batch)
     assert report.capture == "draft_export"
-    notes = report.specializations
+    notes = report.notes
     assert notes[0].startswith("fx capture failed (TraceError:")
     assert notes[1].startswith("export capture failed (")
-    branch = [n for n in notes if "data-dependent branch" in n]
+    branch = [n for n in report.specializations if "data-dependent branch" in n]
     assert len(branch) == 1
     assert 'if batch["has_text"].any():' in branch[0] and "zoo.py:" in branch[0]
     assert "-> True" in branch[0]  # the branch the example batch took
