@@ -8,7 +8,9 @@ of the per-task approach (one backward per task through the shared part, as LibM
 peak memory ratio (tracemalloc is blind to torch's allocator, so the resident-set growth of a fresh
 subprocess per configuration is used).
 
-Run: ``python benchmarks/bench_step.py [--streams 4 8 16] [--methods pcgrad imtl-g mgda]``
+Run: ``python benchmarks/bench_step.py [--streams 4 8 16] [--methods pcgrad imtl-g mgda]
+[--engine auto|hook|graph]`` (``--engine``: the surgery engine, default ``auto`` as in ``wrap``;
+when given, the header line names it and the JSON rows carry it).
 """
 
 from __future__ import annotations
@@ -96,11 +98,11 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def measure(modalities: int, method: str, reps: int) -> dict:
+def measure(modalities: int, method: str, reps: int, engine: str = "auto") -> dict:
     import impartial_train as it
 
     model, batch = make(modalities)
-    imodel = it.wrap(model, batch, method=method)
+    imodel = it.wrap(model, batch, method=method, engine=engine)
 
     def impartial_step():
         out = imodel(batch)
@@ -125,12 +127,12 @@ def measure(modalities: int, method: str, reps: int) -> dict:
     }
 
 
-def _peak_rss(modalities: int, method: str) -> float:
+def _peak_rss(modalities: int, method: str, engine: str = "auto") -> float:
     code = (
         "import resource,sys,torch; torch.set_num_threads(1); sys.path.insert(0,'benchmarks');"
         "import bench_step as b; import impartial_train as it;"
         f"m,x=b.make({modalities});"
-        f"im=it.wrap(m,x,method={method!r}) if {method!r}!='plain' else None;"
+        f"im=it.wrap(m,x,method={method!r},engine={engine!r}) if {method!r}!='plain' else None;"
         "f=(lambda: b.plain_step(m,x)) if im is None else (lambda: sum(im(x).values()).backward());"
         "[f() for _ in range(3)];"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
@@ -146,11 +148,15 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--memory", action="store_true", help="also measure peak RSS ratios")
     parser.add_argument("--json", help="write the rows to this file")
+    parser.add_argument(
+        "--engine", choices=["auto", "hook", "graph"], help="surgery engine (default: auto)"
+    )
     args = parser.parse_args()
+    engine = args.engine or "auto"
     torch.set_num_threads(1)
     print(
         f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        "1 thread, PoE VAE hidden 512, batch 256"
+        "1 thread, PoE VAE hidden 512, batch 256" + (f", engine {engine}" if args.engine else "")
     )
     print(
         f"{'S':>3} {'method':<8} {'plain ms':>9} {'impartial ms':>13} {'ratio':>6} "
@@ -160,9 +166,11 @@ def main() -> None:
     for streams in args.streams:
         base_rss = _peak_rss(streams, "plain") if args.memory else None
         for method in args.methods:
-            row = measure(streams, method, args.reps)
+            row = measure(streams, method, args.reps, engine)
+            if args.engine:
+                row["engine"] = engine
             if base_rss:
-                row["memory_ratio"] = _peak_rss(streams, method) / base_rss
+                row["memory_ratio"] = _peak_rss(streams, method, engine) / base_rss
             rows.append(row)
             mem = f"{row['memory_ratio']:.3f}" if "memory_ratio" in row else "-"
             print(

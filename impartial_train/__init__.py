@@ -6,6 +6,19 @@
 
 from blockfinder._version import __version__
 from impartial_train import methods
-from impartial_train.wrap import ImpartialModel, wrap
+from impartial_train.checkpoint import TrainingInterrupted
+from impartial_train.errors import ResumeError, TrainingError
+from impartial_train.trainer import Trainer
+from impartial_train.wrap import GraphUnavailable, ImpartialModel, wrap
 
-__all__ = ["ImpartialModel", "__version__", "methods", "wrap"]
+__all__ = [
+    "GraphUnavailable",
+    "ImpartialModel",
+    "ResumeError",
+    "Trainer",
+    "TrainingError",
+    "TrainingInterrupted",
+    "__version__",
+    "methods",
+    "wrap",
+]

@@ -12,25 +12,52 @@ from torch.utils._pytree import tree_flatten
 from blockfinder.analyze import analyze
 from blockfinder.context import ModuleStack, OpRecorder
 from blockfinder.errors import BlockfinderError
-from blockfinder.losses import LossesFn, call_losses, default_losses
+from blockfinder.losses import LossesFn, call_losses, check_losses, default_losses
 from blockfinder.report import BlockReport
+from impartial_train.engine.graph import GraphEngine, GraphProgram, GraphUnavailable
 from impartial_train.engine.hooks import HookEngine, SurgeryPoint, plan_surgery
 from impartial_train.engine.stats import PointStats
 from impartial_train.methods import Aggregator, build
 
-ENGINES = ("auto", "hook")
+ENGINES = ("auto", "hook", "graph")
+# A program re-traced this often for one input structure (a guarded value changes every step)
+# is given up for the hook engine under engine="auto".
+MAX_RETRACES = 3
+# Programs kept per input structure (one per combination of the modules' train/eval modes).
+MAX_PROGRAMS = 4
+MAX_NOTES = 100  # engine_notes keeps the latest lines
 
 
 def input_signature(batch: Any) -> tuple:
     """Structure, shapes and dtypes of a batch: a new signature re-captures once."""
     leaves, spec = tree_flatten(batch)
+    return _signature(leaves, str(spec))
+
+
+def _signature(leaves: list[Any], spec: str) -> tuple:
     parts = []
     for leaf in leaves:
         if isinstance(leaf, torch.Tensor):
             parts.append((tuple(leaf.shape), leaf.dtype, leaf.device.type))
         else:
             parts.append((type(leaf).__name__,))
-    return (str(spec), tuple(parts))
+    return (spec, tuple(parts))
+
+
+def _structure(leaves: list[Any], spec: str) -> tuple:
+    """What a traced program is specialised on: structure, dtypes, devices and non-tensor leaves
+    (traced as constants), not shapes."""
+    parts: list[Any] = []
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            parts.append((leaf.dtype, leaf.device, leaf.requires_grad))
+        else:
+            try:
+                hash(leaf)
+                parts.append(("constant", type(leaf), leaf))
+            except TypeError:
+                parts.append(("constant", type(leaf), id(leaf)))
+    return (spec, tuple(parts))
 
 
 class ImpartialModel:
@@ -44,6 +71,14 @@ class ImpartialModel:
     Parameters, buffers and ``state_dict()`` are the user's model's; in eval mode or under
     ``torch.no_grad()`` the call is the plain model. Method state (e.g. GradNorm's weights) is kept
     per branch point: ``method_parameters()``, ``methods_state_dict()``.
+
+    ``engine``: ``"hook"`` applies the surgery with hooks on each step's autograd graph (any model
+    that runs eagerly); ``"graph"`` traces the losses callable once per input structure and runs a
+    rewritten ``torch.fx`` program whose branch points aggregate in backward (raises
+    :class:`GraphUnavailable` where it cannot); ``"auto"`` uses the graph engine where it can be
+    built and the hook engine otherwise. ``engine_notes`` says which engine each input structure
+    got and why; ``last_engine`` which engine ran the last call. Both engines give the same
+    gradients, method state and statistics.
     """
 
     def __init__(
@@ -69,7 +104,14 @@ class ImpartialModel:
         build(method, **self.method_args)  # fail early on a bad name or argument
         self.regularizers = tuple(regularizers)
         self.rescale = rescale
+        self.engine_mode = engine
         self.engine = HookEngine(rescale=rescale, gramian_hook=gramian_hook)
+        self.graph_engine = GraphEngine()
+        self._programs: dict[tuple, list[GraphProgram] | str] = {}
+        self._retraces: dict[tuple, int] = {}
+        self._structure_indices: dict[tuple, int] = {}
+        self.engine_notes: list[str] = []
+        self.last_engine: str | None = None
         self._methods: dict[tuple, Aggregator] = {}
         self._labels: dict[tuple, str] = {}
         self._stats: dict[tuple, PointStats] = {}
@@ -142,8 +184,16 @@ class ImpartialModel:
     # -- the step --------------------------------------------------------------------------
     def __call__(self, batch: Any) -> Mapping[str, torch.Tensor]:
         if not self.module.training or not torch.is_grad_enabled():
+            self.last_engine = "plain"
             return self.losses_fn(self.module, batch)
-        signature = input_signature(batch)
+        leaves, spec = tree_flatten(batch)
+        spec_str = str(spec)
+        signature = _signature(leaves, spec_str)
+        if not self.is_vanilla and self.engine_mode != "hook":
+            losses = self._graph_step(batch, leaves, spec_str, signature)
+            if losses is not None:
+                return losses
+        self.last_engine = "plain" if self.is_vanilla else "hook"
         origin: dict[Any, tuple[str, str]] = {}
         if signature not in self._signatures:
             modules = ModuleStack(self.module)
@@ -159,15 +209,113 @@ class ImpartialModel:
         self._install(losses, origin)
         return losses
 
-    def _install(self, losses: Mapping[str, torch.Tensor], origin: Mapping[Any, Any]) -> None:
+    # -- the graph engine -----------------------------------------------------------------
+    def _graph_step(
+        self, batch: Any, leaves: list[Any], spec: str, signature: tuple
+    ) -> Mapping[str, torch.Tensor] | None:
+        """Run the step with the graph engine; None: use the hook engine for it."""
+        key = _structure(leaves, spec)
+        programs = self._programs.get(key)
+        if isinstance(programs, str):
+            return None  # refused for this structure (engine="auto" only)
+        programs = programs or []
+        for program in programs:
+            if not program.guards.mode_matches():
+                continue  # another program serves this combination of train/eval modes
+            stale = program.guards.changed()
+            if stale is None:
+                return self._run_program(program, batch, leaves, signature)
+            programs.remove(program)
+            count = self._retraces[key] = self._retraces.get(key, 0) + 1
+            self._note(f"structure {self._structure_index(key)}: re-traced, {stale}")
+            if count >= MAX_RETRACES and self.engine_mode == "auto":
+                return self._refuse(key, f"re-traced {count} times ({stale})")
+            break
+        if type(self.engine) is not HookEngine:
+            reason = (
+                f"a custom hook engine ({type(self.engine).__name__}, e.g. for distributed "
+                "training) is installed; the graph engine does not support it"
+            )
+            if self.engine_mode == "graph":
+                raise GraphUnavailable(f"graph engine unavailable: {reason}; use engine='hook'")
+            return self._refuse(key, reason)
+        try:
+            planned = self.graph_engine.build(self.module, self.losses_fn, batch, self.regularizers)
+        except GraphUnavailable as exc:
+            if self.engine_mode == "graph":
+                raise GraphUnavailable(
+                    f"graph engine unavailable for this input structure: {exc}; use "
+                    "engine='hook' (or 'auto' to fall back to it)"
+                ) from exc
+            return self._refuse(key, str(exc))
+        self._signatures.add(signature)
+        losses = planned.losses
+        entries = self._install(losses, planned.origin, planned.points)
+        self.last_engine = "graph"
+        if planned.program is None:
+            if self.engine_mode == "graph":
+                raise GraphUnavailable(
+                    f"graph engine unavailable for this input structure: {planned.reason}; use "
+                    "engine='hook' (or 'auto' to fall back to it)"
+                )
+            self.last_engine = "hook"
+            self._refuse(key, planned.reason or "unknown")
+            return losses
+        planned.program.bind(*entries)
+        self._programs[key] = [*programs[-(MAX_PROGRAMS - 1) :], planned.program]
+        self._note(
+            f"structure {self._structure_index(key)}: graph engine ({planned.program.describe()})"
+        )
+        return losses
+
+    def _run_program(
+        self, program: GraphProgram, batch: Any, leaves: list[Any], signature: tuple
+    ) -> Mapping[str, torch.Tensor]:
+        if program.module is None:  # no branch point: the model itself
+            losses = self.losses_fn(self.module, batch)
+        else:
+            tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+            losses = self.graph_engine.run(
+                program, tensors, self.engine.rescale, self.engine.gramian_hook
+            )
+        if signature not in self._signatures:
+            check_losses(losses)
+            self._signatures.add(signature)
+        self.last_engine = "graph"
+        return losses
+
+    def _refuse(self, key: tuple, reason: str) -> None:
+        self._programs[key] = reason
+        self._note(
+            f"structure {self._structure_index(key)}: hook engine (graph engine unavailable: "
+            f"{reason})"
+        )
+        return None
+
+    def _note(self, line: str) -> None:
+        self.engine_notes.append(line)
+        del self.engine_notes[:-MAX_NOTES]
+
+    def _structure_index(self, key: tuple) -> int:
+        return self._structure_indices.setdefault(key, len(self._structure_indices) + 1)
+
+    def _install(
+        self,
+        losses: Mapping[str, torch.Tensor],
+        origin: Mapping[Any, Any],
+        points: list[SurgeryPoint] | None = None,
+    ) -> tuple[list[Aggregator], list[PointStats], list[torch.Tensor]]:
+        """Plan (unless ``points`` are given) and install the hook engine on this step's graph.
+        Returns each point's method, statistics and loss mask (streams x losses)."""
         names = list(losses)
-        tasks = [n for n in names if n not in self.regularizers]
-        trainable = {id(p) for p in self.module.parameters() if p.requires_grad}
-        points = plan_surgery(losses, tasks, trainable)
+        if points is None:
+            tasks = [n for n in names if n not in self.regularizers]
+            trainable = {id(p) for p in self.module.parameters() if p.requires_grad}
+            points = plan_surgery(losses, tasks, trainable)
         if not points:
-            return
+            return [], [], []
         values = torch.stack([losses[n].detach().reshape(()) for n in names])
-        methods, stats, stream_losses = [], [], []
+        methods, stats, stream_losses, masks_of = [], [], [], []
         ranks: dict[tuple, int] = {}
         for point in points:
             streams = tuple(
@@ -199,8 +347,10 @@ class ImpartialModel:
                 dtype=values.dtype,
                 device=values.device,
             )
+            masks_of.append(masks)
             stream_losses.append(masks @ values)
         self.engine.install(points, methods, stats, stream_losses)
+        return methods, stats, masks_of
 
 
 def wrap(
@@ -220,4 +370,4 @@ def wrap(
     return ImpartialModel(model, example_batch, losses, method, regularizers, rescale, **kwargs)
 
 
-__all__ = ["ImpartialModel", "SurgeryPoint", "input_signature", "wrap"]
+__all__ = ["GraphUnavailable", "ImpartialModel", "SurgeryPoint", "input_signature", "wrap"]

@@ -13,8 +13,11 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "barrier_newton",
     "cosine_matrix",
     "interior_point",
+    "lstsq_tikhonov",
+    "nash_bargaining",
     "nonneg_qp",
     "project_dual_cone",
     "row_norms",
@@ -46,9 +49,8 @@ def cosine_matrix(gramian: Tensor, norms: Tensor | None = None) -> tuple[Tensor,
 
 
 def _max_step(v: Tensor, dv: Tensor) -> Tensor:
-    """Largest t with v + t dv >= 0 (inf when no component decreases), per batch element."""
-    ratio = torch.where(dv < 0, -v / torch.where(dv < 0, dv, -1.0), torch.inf)
-    return ratio.amin(dim=-1, keepdim=True)
+    """Largest t with v + t dv >= 0 (huge when no component decreases), per batch element."""
+    return (v / (-dv).clamp_min(1e-300)).amin(dim=-1, keepdim=True)
 
 
 _PRIMAL_REG = 1e-12
@@ -64,54 +66,57 @@ def interior_point(
     Minimises f(x) subject to x >= 0 and, when ``a`` is given, a^T x = 1 (batched over leading
     dimensions). ``grad_hess(x)`` returns the gradient and the Hessian of f. ``x0`` must be strictly
     positive (and satisfy the equality). A fixed number of iterations is run; the Newton systems
-    are solved with ``lu_factor_ex``/``lu_solve`` so that a singular system never raises.
+    are solved with ``lu_factor_ex``/``lu_solve``, so a singular system never raises, and a tiny
+    primal regularisation of the Newton matrix (the residuals stay exact) keeps it invertible
+    when the objective is flat along a direction (e.g. opposite rows).
     """
     x = x0
     z = torch.ones_like(x)
     y = torch.zeros_like(x[..., :1])
+    tiny = torch.finfo(x.dtype).tiny
     n = x.shape[-1]
-    eye = torch.eye(n, dtype=x.dtype, device=x.device)
+    if a is not None:
+        # Bordered KKT matrix [[H, -a], [a^T, 0]] (no elimination through H^-1, which loses all
+        # accuracy when the objective is flat along a direction that the equality removes).
+        kkt = torch.zeros(*x.shape[:-1], n + 1, n + 1, dtype=x.dtype, device=x.device)
+        kkt[..., :n, n] = -a
+        kkt[..., n, :n] = a
     for _ in range(iters):
         g, hess = grad_hess(x)
-        rd = g - z
-        rp = None
-        if a is not None:
-            rd = rd - a * y
-            rp = (a * x).sum(-1, keepdim=True) - 1.0
+        rd = g - z if a is None else g - z - a * y
+        ratio = z / x
         mu = (x * z).mean(-1, keepdim=True)
-        # Primal regularisation of the Newton matrix only (the residuals stay exact): it keeps
-        # the system invertible when the objective is flat along a direction (e.g. opposite rows).
-        h = hess + eye * (z / x + _PRIMAL_REG).unsqueeze(-1)
-        lu, piv, _ = torch.linalg.lu_factor_ex(h)
-        ha = None
-        if a is not None:
-            ha = torch.linalg.lu_solve(lu, piv, a.unsqueeze(-1)).squeeze(-1)
+        h = hess + torch.diag_embed(ratio + _PRIMAL_REG)
+        rp = None
+        if a is None:
+            lu, piv, _ = torch.linalg.lu_factor_ex(h)
+        else:
+            kkt[..., :n, :n] = h
+            lu, piv, _ = torch.linalg.lu_factor_ex(kkt)
+            rp = (a * x).sum(-1, keepdim=True) - 1.0
 
-        def direction(rc: Tensor, rd=rd, rp=rp, lu=lu, piv=piv, ha=ha, x=x, z=z):
-            rhs = -rd - rc / x
-            hr = torch.linalg.lu_solve(lu, piv, rhs.unsqueeze(-1)).squeeze(-1)
-            if a is None:
-                dx, dy = hr, None
-            else:
-                den = (a * ha).sum(-1, keepdim=True)
-                dy = (-rp - (a * hr).sum(-1, keepdim=True)) / den
-                dx = hr + ha * dy
-            dz = (-rc - z * dx) / x
-            return dx, dy, dz
+        def solve(rhs: Tensor, lu=lu, piv=piv, rp=rp) -> tuple[Tensor, Tensor | None]:
+            if rp is None:
+                return torch.linalg.lu_solve(lu, piv, rhs.unsqueeze(-1)).squeeze(-1), None
+            full = torch.cat((rhs, -rp), dim=-1).unsqueeze(-1)
+            sol = torch.linalg.lu_solve(lu, piv, full).squeeze(-1)
+            return sol[..., :n], sol[..., n:]
 
-        dx, _, dz = direction(x * z)
+        # Predictor (affine) direction: complementarity target 0, i.e. rc = x z, rc / x = z.
+        dx, _ = solve(-rd - z)
+        dz = -z - ratio * dx
         t_aff = torch.minimum(_max_step(x, dx), _max_step(z, dz)).clamp(max=1.0)
         mu_aff = ((x + t_aff * dx) * (z + t_aff * dz)).mean(-1, keepdim=True)
         sigma = (mu_aff / mu).clamp(0.0, 1.0) ** 3
-        dx, dy, dz = direction(x * z + dx * dz - sigma * mu)
+        # Corrector: rc = x z + dx_aff dz_aff - sigma mu.
+        rc = x * z + dx * dz - sigma * mu
+        dx, dy = solve(-rd - rc / x)
+        dz = (-rc - z * dx) / x
         t = (0.99 * torch.minimum(_max_step(x, dx), _max_step(z, dz))).clamp(max=1.0)
-        x = x + t * dx
-        z = z + t * dz
-        if a is not None:
+        x = (x + t * dx).clamp_min(tiny)
+        z = (z + t * dz).clamp_min(tiny)
+        if dy is not None:
             y = y + t * dy
-        # Keep strictly positive iterates even after rounding.
-        x = x.clamp_min(torch.finfo(x.dtype).tiny)
-        z = z.clamp_min(torch.finfo(z.dtype).tiny)
     return x
 
 
@@ -152,9 +157,8 @@ def project_dual_cone(
     keep their lower bound.
     """
     shift = norms * lower
-    scale = shift.abs().amax(-1, keepdim=True)
-    scale = torch.where(scale > 0, scale, 1.0)
-    s = shift / scale
+    scale = shift.abs().amax(-1, keepdim=True)  # 0: the solution is v = lower exactly
+    s = shift / torch.where(scale > 0, scale, 1.0)
     eye = torch.eye(cos.shape[-1], dtype=cos.dtype, device=cos.device)
     q_mat = cos + reg * eye
     q_vec = (q_mat @ s.unsqueeze(-1)).squeeze(-1)
@@ -164,7 +168,7 @@ def project_dual_cone(
     return torch.where(nonzero, beta / safe, lower)
 
 
-def lstsq_tikhonov(k: Tensor, rhs: Tensor, rel_eps: float = 1e-11, steps: int = 4) -> Tensor:
+def lstsq_tikhonov(k: Tensor, rhs: Tensor, rel_eps: float = 1e-8, steps: int = 6) -> Tensor:
     """Minimum-norm least-squares solution of k x = rhs (batched), without SVD or host sync.
 
     Iterated Tikhonov: x_{t+1} = x_t + (k^T k + eps I)^{-1} k^T (rhs - k x_t), from x_0 = 0, with
@@ -211,3 +215,55 @@ def nash_bargaining(a_mat: Tensor, iters: int = 40) -> Tensor:
             torch.isfinite(new).all(-1, keepdim=True) & (new > 0).all(-1, keepdim=True), new, b
         )
     return b
+
+
+def barrier_newton(
+    value: Callable[[Tensor], Tensor],
+    grad_hess: GradHess,
+    x0: Tensor,
+    a: Tensor,
+    iters: int = 48,
+    mu_start: float = 1.0,
+    mu_end: float = 1e-14,
+    steps: int = 24,
+) -> Tensor:
+    """Primal log-barrier Newton method with a batched backtracking line search (one problem).
+
+    Minimises f(x) s.t. x >= 0, a^T x = 1, for a smooth convex f that is not quadratic (where a
+    primal-dual method without a merit function can oscillate). At iteration k it takes one
+    equality-constrained Newton step on phi_k(x) = f(x) - mu_k sum(log x), with mu_k decreasing
+    geometrically from ``mu_start`` to ``mu_end``; the step length is the best of
+    {0, 1, 1/2, ..., 2^-(steps-1)} for phi_k among feasible points, all evaluated at once
+    (``value`` takes a batch of points), so phi_k never increases and nothing is read back to
+    the host. Final suboptimality is about n * mu_end.
+    """
+    n = x0.shape[-1]
+    x = x0
+    cands = torch.cat(
+        (
+            torch.zeros(1, dtype=x0.dtype, device=x0.device),
+            0.5 ** torch.arange(steps, dtype=x0.dtype, device=x0.device),
+        )
+    )
+    ratio = (mu_end / mu_start) ** (1.0 / max(iters - 1, 1))
+    eye = torch.eye(n, dtype=x0.dtype, device=x0.device)
+    kkt = torch.zeros(n + 1, n + 1, dtype=x0.dtype, device=x0.device)
+    kkt[:n, n] = a
+    kkt[n, :n] = a
+    for k in range(iters):
+        mu = mu_start * ratio**k
+        g, hess = grad_hess(x)
+        g = g - mu / x
+        # The bordered KKT system [[H, a], [a^T, 0]]: eliminating through H^-1 instead loses
+        # all accuracy when f is flat along a direction that the equality removes.
+        kkt[:n, :n] = hess + eye * (mu / (x * x) + _PRIMAL_REG)
+        rhs = torch.cat((-g, torch.zeros_like(g[:1])))
+        sol, _ = torch.linalg.solve_ex(kkt, rhs)
+        dx = torch.nan_to_num(sol[:n], nan=0.0, posinf=0.0, neginf=0.0)
+        pts = x + cands.unsqueeze(1) * dx
+        feasible = (pts > 0).all(1)
+        logs = torch.where(pts > 0, pts, 1.0).log().sum(1)
+        phi = torch.where(feasible, value(pts) - mu * logs, torch.inf)
+        phi = torch.where(torch.isnan(phi), torch.inf, phi)
+        x = pts.index_select(0, phi.argmin().reshape(1)).squeeze(0)
+    return x

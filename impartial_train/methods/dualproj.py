@@ -27,7 +27,7 @@ class DualProj(GramianAggregator):
 
     name = "dualproj"
 
-    def __init__(self, reg: float = 1e-10, iters: int = 30) -> None:
+    def __init__(self, reg: float = 1e-10, iters: int = 20) -> None:
         super().__init__()
         self.reg = float(reg)
         self.iters = int(iters)

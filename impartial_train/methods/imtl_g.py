@@ -25,10 +25,11 @@ class IMTLG(GramianAggregator):
     Computed on the unit rows: with :math:`d = \sum_i \beta_i u_i`, solve the bordered system
     :math:`C\beta - c\,1 = 0`, :math:`\sum_i \beta_i n_{min}/n_i = 1` (C the cosine matrix),
     then :math:`\alpha_i \propto \beta_i / n_i`. Singular systems (duplicate, colinear, opposite
-    rows, S > D) get the minimum-norm least-squares solution (iterated Tikhonov with
-    ``solve_ex``: pseudo-inverse behaviour without an SVD or a host sync): opposite rows give
-    :math:`c = 0`, d = 0; duplicates share their weight. A zero row has no direction: its
-    weight is 0 and it imposes no constraint.
+    rows, S > D) get the minimum-norm least-squares solution (iterated Tikhonov, 6 steps with a
+    ridge 1e-8 of the mean squared singular value: a pseudo-inverse with a relative cut-off
+    ~1e-4, without SVD or host sync; rows closer than that to colinear count as colinear):
+    opposite rows give :math:`c = 0`, d = 0; duplicates share their weight. A zero row has no
+    direction: its weight is 0 and it imposes no constraint.
 
     Properties: permutation invariant, positively homogeneous, scale invariant per row (the
     weights on unit directions do not depend on the row norms); not guaranteed non-conflicting

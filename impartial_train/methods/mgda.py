@@ -47,7 +47,7 @@ class MGDA(GramianAggregator):
 
     name = "mgda"
 
-    def __init__(self, normalization: str = "none", iters: int = 30) -> None:
+    def __init__(self, normalization: str = "none", iters: int = 20) -> None:
         super().__init__()
         if normalization not in NORMALIZATIONS:
             raise ValueError(

@@ -1,0 +1,728 @@
+"""``impartial-train``: train the model of a model file impartially (a thin layer over Trainer).
+
+impartial-train MODEL.py [--method NAME|A+B] [--method-arg KEY=VALUE ...] [--epochs N]
+                [--batch-size B] [--lr LR] [--optimizer adam|adamw|sgd] [--weight-decay W]
+                [--seed S] [--device auto|cpu|cuda] [--out DIR] [--resume] [--val-every K]
+                [--no-rescale] [--regularizer NAME ...] [--compare M1,M2,...] [--devices N]
+                [--debug]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import shlex
+import sys
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from blockfinder.errors import BlockfinderError
+from cli._console import ArgumentParser, UsageError, err_console, out_console, run_cli
+
+PROG = "impartial-train"
+DEFAULT_METHOD = "pcgrad"
+DEFAULTS: dict[str, Any] = {
+    "method": DEFAULT_METHOD,
+    "method_arg": [],
+    "epochs": 10,
+    "batch_size": None,  # the model file's BATCH_SIZE, else 32
+    "lr": 1e-3,
+    "optimizer": "adam",
+    "weight_decay": 0.0,
+    "seed": 0,
+    "device": "auto",
+    "val_every": 1,
+    "rescale": True,
+    "regularizer": None,
+    "compare": None,
+    "devices": 1,
+}
+#: options taken from the run's config.json on --resume when not given again
+RESUMED = tuple(DEFAULTS)
+FALLBACK_BATCH_SIZE = 32
+
+
+# --------------------------------------------------------------------------------------------
+# arguments
+
+
+def _number(kind, minimum: float, strict: bool):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
+            ) from None
+        if (
+            (kind is float and not math.isfinite(value))
+            or value < minimum
+            or (strict and value == minimum)
+        ):
+            bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
+            raise argparse.ArgumentTypeError(f"expected a value {bound}, got {text}")
+        return value
+
+    return parse
+
+
+def _device(text: str) -> str:
+    if text in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", text):
+        return text
+    raise argparse.ArgumentTypeError(f"expected auto, cpu or cuda, got {text!r}")
+
+
+def build_parser() -> ArgumentParser:
+    from blockfinder import __version__
+    from impartial_train.trainer import OPTIMIZERS
+
+    parser = ArgumentParser(
+        prog=PROG,
+        description="Train the model of a model file with multitask gradient surgery at its "
+        "branch points (or plainly with --method sum). Outputs: config.json, metrics.jsonl, "
+        "checkpoint.pt, curves.png in --out.",
+        epilog="Model file: build_model(), train_dataset(), optionally val_dataset(), "
+        "compute_losses(model, batch), REGULARIZERS, evaluate(model, loader), BATCH_SIZE. "
+        "Ctrl-C saves a checkpoint; --resume continues it exactly.",
+    )
+    parser.add_argument("model", metavar="MODEL.py", help="the model file")
+    parser.add_argument(
+        "--method",
+        metavar="NAME|A+B",
+        help=f"aggregation method, or a composition A+B; 'sum' is vanilla training "
+        f"(default: {DEFAULT_METHOD})",
+    )
+    parser.add_argument(
+        "--method-arg",
+        action="append",
+        metavar="KEY=VALUE",
+        help="an option of the method (repeatable), e.g. --method-arg alpha=1.5",
+    )
+    parser.add_argument("--epochs", type=_number(int, 0, False), metavar="N", help="(default: 10)")
+    parser.add_argument(
+        "--batch-size",
+        type=_number(int, 1, False),
+        metavar="B",
+        help="batch size (the global batch with --devices); default: the model file's "
+        f"BATCH_SIZE, else {FALLBACK_BATCH_SIZE}",
+    )
+    parser.add_argument("--lr", type=_number(float, 0, True), metavar="LR", help="(default: 1e-3)")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, help="(default: adam)")
+    parser.add_argument(
+        "--weight-decay", type=_number(float, 0, False), metavar="W", help="(default: 0)"
+    )
+    parser.add_argument("--seed", type=int, metavar="S", help="random seed (default: 0)")
+    parser.add_argument("--device", type=_device, metavar="auto|cpu|cuda", help="(default: auto)")
+    parser.add_argument(
+        "--out",
+        metavar="DIR",
+        help="output directory (default: runs/<model>-<method>-<YYYYmmdd-HHMMSS>)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its checkpoint (default --out: the latest run of "
+        "this model); options not given again are those of the run",
+    )
+    parser.add_argument(
+        "--val-every",
+        type=_number(int, 1, False),
+        metavar="K",
+        help="validate (and evaluate()) every K epochs and after the last (default: 1)",
+    )
+    parser.add_argument(
+        "--no-rescale",
+        dest="rescale",
+        action="store_const",
+        const=False,
+        help="do not rescale combined gradients to the norm of the plain sum",
+    )
+    parser.add_argument(
+        "--regularizer",
+        action="append",
+        metavar="NAME",
+        help="a loss excluded from surgery (repeat or separate with commas); default: the "
+        "file's REGULARIZERS, else 'kl' if there is such a loss",
+    )
+    parser.add_argument(
+        "--compare",
+        metavar="M1,M2,...",
+        help="train each method with the same seed and data (in --out/<method>/), then "
+        "compare them (compare.json, compare.png)",
+    )
+    parser.add_argument(
+        "--devices",
+        type=_number(int, 1, False),
+        metavar="N",
+        help="data-parallel training on N processes (DDP; gloo on CPU, nccl on GPU)",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    return parser
+
+
+def parse_value(text: str) -> Any:
+    """``KEY=VALUE`` values: int, then float, then bool/None words, else the string."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    low = text.strip().lower()
+    if low in ("true", "yes", "on"):
+        return True
+    if low in ("false", "no", "off"):
+        return False
+    if low in ("none", "null"):
+        return None
+    return text
+
+
+def parse_method_args(items: Sequence[str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UsageError(f"--method-arg expects KEY=VALUE, got {item!r}")
+        if not key.isidentifier():
+            raise UsageError(f"--method-arg {item!r}: {key!r} is not an option name")
+        out[key] = parse_value(value.strip())
+    return out
+
+
+def check_method(spec: str, method_args: Mapping[str, Any]) -> None:
+    """Build the method once: unknown names and bad options become one-line usage errors."""
+    from impartial_train.methods import available, build
+
+    if not spec or not spec.strip():
+        raise UsageError(f"--method needs a name; available: {', '.join(available())}")
+    try:
+        build(spec, **dict(method_args))
+    except ValueError as exc:
+        text = str(exc)
+        if text.startswith("unknown aggregation method"):
+            raise UsageError(f"--method: {text}") from exc
+        raise UsageError(f"bad --method-arg: {text}") from exc
+    except TypeError as exc:
+        raise UsageError(f"bad --method-arg for method {spec!r}: {exc}") from exc
+
+
+def _accepted_args(spec: str, method_args: Mapping[str, Any]) -> dict[str, Any]:
+    """The method args that ``spec`` takes (for --compare, where methods differ)."""
+    from impartial_train.methods import build
+
+    out = {}
+    for key, value in method_args.items():
+        try:
+            build(spec, **{key: value})
+        except (ValueError, TypeError):
+            continue
+        out[key] = value
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# options
+
+
+def _split_list(items: Sequence[str] | None) -> list[str]:
+    return [p.strip() for item in items or [] for p in item.split(",") if p.strip()]
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", name)
+
+
+def _timestamp() -> str:
+    return datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def _new_out(stem: str, label: str) -> Path:
+    base = Path("runs") / f"{_safe(stem)}-{_safe(label)}-{_timestamp()}"
+    out, k = base, 2
+    while out.exists():
+        out = base.with_name(f"{base.name}-{k}")
+        k += 1
+    return out
+
+
+def _latest_run(stem: str, label: str | None) -> Path | None:
+    """The newest ``runs/<stem>-<label>-*`` directory holding a checkpoint (or, for a
+    comparison, a method subdirectory holding one)."""
+    runs = Path("runs")
+    if not runs.is_dir():
+        return None
+    pattern = f"{_safe(stem)}-{_safe(label)}-*" if label else f"{_safe(stem)}-*"
+    found = []
+    for d in runs.glob(pattern):
+        marks = [d / "checkpoint.pt", *d.glob("*/checkpoint.pt")]
+        times = [m.stat().st_mtime for m in marks if m.is_file()]
+        if times:
+            found.append((max(times), str(d)))
+    return Path(max(found)[1]) if found else None
+
+
+def resolve_options(args: argparse.Namespace, model_path: Path) -> tuple[dict[str, Any], Path]:
+    """Fill the options: explicit ones, then (on --resume) the run's config.json, then defaults.
+
+    Returns (options, output directory)."""
+    explicit = {k: getattr(args, k) for k in RESUMED if getattr(args, k, None) is not None}
+    if args.compare is not None and args.method is not None:
+        raise UsageError("--compare and --method exclude each other: list the methods in --compare")
+    stem = model_path.stem
+    if args.out:
+        out = Path(args.out)
+    elif args.resume:
+        label = "compare" if args.compare else args.method
+        latest = _latest_run(stem, label)
+        if latest is None:
+            where = f"runs/{_safe(stem)}-{_safe(label)}-*" if label else f"runs/{_safe(stem)}-*"
+            raise UsageError(
+                f"--resume: no earlier run with a checkpoint in {where}: pass --out DIR of the "
+                "run to continue"
+            )
+        out = latest
+    else:
+        out = None  # decided once the method is known
+    saved: dict[str, Any] = {}
+    if args.resume and out is not None:
+        config = out / "config.json"
+        if config.is_file():
+            try:
+                saved = dict(json.loads(config.read_text()).get("options") or {})
+            except (OSError, ValueError):
+                saved = {}
+    options = dict(DEFAULTS)
+    options.update({k: v for k, v in saved.items() if k in RESUMED and v is not None})
+    if "compare" in explicit or "method" in explicit:  # one or the other, never both
+        options["compare"] = explicit.get("compare")
+        options["method"] = explicit.get("method", DEFAULT_METHOD)
+    options.update({k: v for k, v in explicit.items() if k not in ("compare", "method")})
+    if isinstance(options.get("method_arg"), Mapping):  # saved as parsed
+        options["method_arg"] = [f"{k}={v}" for k, v in options["method_arg"].items()]
+    if out is None:
+        out = _new_out(stem, "compare" if options["compare"] else options["method"])
+    return options, out
+
+
+# --------------------------------------------------------------------------------------------
+# preparing a run (parent process and data-parallel workers alike)
+
+
+def _seed(seed: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _regularizers(requested: list[str] | None, mf: Any, loss_names: Sequence[str]) -> list[str]:
+    if requested:
+        source = "--regularizer"
+    elif mf.regularizers is not None:
+        requested, source = list(mf.regularizers), f"REGULARIZERS in {mf.name}"
+    else:
+        return [r for r in ("kl",) if r in loss_names]
+    unknown = [r for r in requested if r not in loss_names]
+    if unknown:
+        plural = "s" if len(unknown) > 1 else ""
+        raise BlockfinderError(
+            f"unknown regularizer{plural} {', '.join(map(repr, unknown))} (from {source}): the "
+            f"losses are {', '.join(loss_names)}"
+        )
+    return list(dict.fromkeys(requested))
+
+
+def _wrap_evaluate(mf: Any):
+    if mf.evaluate is None:
+        return None
+    from cli.loader import ModelFileError, _raised, _user_root
+
+    user_fn = mf.evaluate
+
+    def evaluate(model, loader):
+        try:
+            return user_fn(model, loader)
+        except BlockfinderError:
+            raise
+        except Exception as exc:
+            raise _raised(
+                f"evaluate(model, loader) in {mf.name}",
+                exc,
+                mf.path,
+                _user_root(mf),
+                "fix evaluate()",
+                cls=ModelFileError,
+            ) from exc
+
+    return evaluate
+
+
+def _check_train_dataset(mf: Any) -> None:
+    from cli.loader import ModelFileError
+
+    if mf.train_dataset is None:
+        raise ModelFileError(
+            f"{mf.name} defines no train_dataset(): add 'def train_dataset(): return "
+            "torch.utils.data.TensorDataset(...)' (a Dataset of training examples) to train it"
+        )
+
+
+def _batch_size(mf: Any, options: Mapping[str, Any]) -> int:
+    if options.get("batch_size"):
+        return int(options["batch_size"])
+    value = getattr(mf.module, "BATCH_SIZE", None)
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    return FALLBACK_BATCH_SIZE
+
+
+def build_run(
+    mf: Any,
+    options: Mapping[str, Any],
+    method: str,
+    device: Any,
+    regularizers: list[str] | None,
+    config: Mapping[str, Any],
+    probe: bool,
+):
+    """Seed, build the model and datasets, probe the losses once, make the Trainer.
+
+    Returns (trainer, train dataset, val dataset or None, evaluate or None)."""
+    import torch
+
+    from cli.loader import (
+        call_build_model,
+        call_example_batch,
+        call_train_dataset,
+        call_val_dataset,
+        make_losses_fn,
+    )
+    from impartial_train.trainer import Trainer, to_device
+
+    seed = int(options["seed"])
+    _seed(seed)
+    model = call_build_model(mf)
+    train_ds = call_train_dataset(mf)
+    val_ds = call_val_dataset(mf)
+    losses_fn = make_losses_fn(mf)
+    if probe or regularizers is None:
+        # one forward on the example batch: loss names (regularizers) and early one-line errors;
+        # the model's state (e.g. BatchNorm statistics) is put back afterwards
+        batch = to_device(call_example_batch(mf), device)
+        model.to(device)
+        model.train()
+        saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        with torch.no_grad():
+            names = list(losses_fn(model, batch))
+        model.load_state_dict(saved)
+        regularizers = _regularizers(regularizers, mf, names)
+    method_args = _accepted_args(method, parse_method_args(options["method_arg"]))
+    trainer = Trainer(
+        model,
+        losses_fn,
+        method=method,
+        regularizers=regularizers,
+        optimizer=options["optimizer"],
+        lr=options["lr"],
+        weight_decay=options["weight_decay"],
+        method_args=method_args,
+        rescale=options["rescale"],
+        device=device,
+        seed=seed,
+        batch_size=_batch_size(mf, options),
+        progress=True,
+        summary=not options.get("compare"),
+        console=out_console(),
+        model_file=mf.path,
+        config=config,
+    )
+    return trainer, train_ds, val_ds, _wrap_evaluate(mf)
+
+
+def _run_config(options: Mapping[str, Any], method: str, out: Path, argv: Sequence[str], mf):
+    opts = {k: options.get(k) for k in RESUMED}
+    opts["method"] = None if method == "compare" else method
+    if method != "compare":
+        opts["compare"] = None
+    opts["method_arg"] = parse_method_args(options["method_arg"])
+    return {
+        "command": [PROG, *argv],
+        "options": {**opts, "out": str(out), "model": str(mf.path)},
+    }
+
+
+def _fit(trainer, train_ds, val_ds, evaluate, options, out: Path, resume: bool):
+    return trainer.fit(
+        train_ds,
+        epochs=int(options["epochs"]),
+        val=val_ds,
+        evaluate=evaluate,
+        val_every=int(options["val_every"]),
+        out=out,
+        resume=resume,
+    )
+
+
+def ddp_worker(rank: int, world: int, payload: dict[str, Any]) -> Any:
+    """One process of ``--devices N`` (spawned by :func:`impartial_train.distributed.launch`)."""
+    import torch
+
+    from cli.loader import load_model_file
+
+    mf = load_model_file(payload["model"])
+    device = payload["device"]
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+        device = f"cuda:{rank}"
+    trainer, train_ds, val_ds, evaluate = build_run(
+        mf,
+        payload["options"],
+        payload["method"],
+        device,
+        payload["regularizers"],
+        payload["config"],
+        probe=False,
+    )
+    history = _fit(
+        trainer,
+        train_ds,
+        val_ds,
+        evaluate,
+        payload["options"],
+        Path(payload["out"]),
+        payload["resume"],
+    )
+    return history if rank == 0 else None
+
+
+def _resolve_device(options: Mapping[str, Any]):
+    import torch
+
+    from impartial_train.trainer import TrainingError, resolve_device
+
+    devices = int(options["devices"])
+    requested = options["device"]
+    if devices > 1:
+        if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+            return "cpu"
+        if requested == "auto" and torch.cuda.device_count() < devices:
+            return "cpu"
+        resolve_device("cuda")
+        if torch.cuda.device_count() < devices:
+            raise TrainingError(
+                f"--devices {devices} on CUDA needs {devices} GPUs, found "
+                f"{torch.cuda.device_count()}: use fewer --devices or --device cpu"
+            )
+        return "cuda"
+    return resolve_device(requested)
+
+
+def train_one(
+    mf: Any,
+    options: Mapping[str, Any],
+    method: str,
+    out: Path,
+    resume: bool,
+    argv: Sequence[str],
+) -> list[dict[str, Any]]:
+    """Train one method into ``out`` (on ``--devices`` processes)."""
+    from impartial_train.trainer import CHECKPOINT
+
+    if not resume and (out / CHECKPOINT).exists():
+        raise UsageError(
+            f"{out} already holds a run (checkpoint.pt): pass --resume to continue it, or choose "
+            "another --out"
+        )
+    config = _run_config(options, method, out, argv, mf)
+    device = _resolve_device(options)
+    requested = _split_list(options.get("regularizer"))
+    # the parent builds and probes everything once, so that every user error is reported here
+    devices = int(options["devices"])
+    trainer, train_ds, val_ds, evaluate = build_run(
+        mf, options, method, device if devices == 1 else "cpu", requested or None, config, True
+    )
+    if devices == 1:
+        return _fit(trainer, train_ds, val_ds, evaluate, options, out, resume)
+    from impartial_train.distributed import launch
+
+    payload = {
+        "model": str(mf.path),
+        "options": dict(options),
+        "method": method,
+        "device": str(device),
+        "regularizers": list(trainer.regularizers),
+        "config": config,
+        "out": str(out.resolve()),
+        "resume": resume,
+    }
+    del trainer
+    backend = "nccl" if str(device).startswith("cuda") else "gloo"
+    results = launch(ddp_worker, devices, args=(payload,), backend=backend)
+    return results[0] or []
+
+
+# --------------------------------------------------------------------------------------------
+# --compare
+
+
+def _final_row(history: Sequence[Mapping[str, Any]], split: str) -> dict[str, Any]:
+    rows = [r for r in history if r.get("split") == split]
+    return dict(rows[-1]) if rows else {}
+
+
+def compare(
+    mf: Any, options: Mapping[str, Any], out: Path, resume: bool, argv: Sequence[str]
+) -> int:
+    from impartial_train.checkpoint import write_text_atomic
+    from impartial_train.plots import higher_is_better, metric_columns, plot_compare
+
+    methods = _split_list([options["compare"]])
+    if len(methods) < 1:
+        raise UsageError("--compare needs a comma-separated list of methods, e.g. sum,pcgrad")
+    duplicates = sorted({m for m in methods if methods.count(m) > 1})
+    if duplicates:
+        raise UsageError(f"--compare lists {', '.join(duplicates)} more than once")
+    method_args = parse_method_args(options["method_arg"])
+    for method in methods:
+        check_method(method, _accepted_args(method, method_args))
+    unused = [
+        k for k in method_args if not any(k in _accepted_args(m, method_args) for m in methods)
+    ]
+    if unused:
+        raise UsageError(
+            f"bad --method-arg: no compared method takes {', '.join(map(repr, unused))}"
+        )
+    if resume and not any((out / _safe(m) / "checkpoint.pt").is_file() for m in methods):
+        raise UsageError(
+            f"cannot resume: no checkpoint.pt in {out}/<method>/ (train without --resume first, "
+            "or point --out at an earlier --compare run)"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    config = _run_config(options, "compare", out, argv, mf)
+    config["methods"] = methods
+    write_text_atomic(out / "config.json", json.dumps(config, indent=2, default=str) + "\n")
+    histories: dict[str, list[dict[str, Any]]] = {}
+    console = out_console()
+    for method in methods:
+        sub = out / _safe(method)
+        console.rule(f"[bold]{method}[/bold] -> {sub}")
+        sub_resume = resume and (sub / "checkpoint.pt").is_file()
+        histories[method] = train_one(mf, options, method, sub, sub_resume, argv)
+    split = "val" if all(_final_row(h, "val") for h in histories.values()) else "train"
+    finals = {m: _final_row(h, split) for m, h in histories.items()}
+    columns: list[str] = []
+    for h in histories.values():
+        for c in metric_columns([r for r in h if r.get("split") == split]):
+            if c not in columns:
+                columns.append(c)
+    best: dict[str, str] = {}
+    higher = {c: higher_is_better(c) for c in columns}
+    for c in columns:
+        values = {
+            m: v
+            for m, row in finals.items()
+            if isinstance(v := row.get(c), int | float) and math.isfinite(v)
+        }
+        if values:
+            top = max(values.values()) if higher[c] else min(values.values())
+            best[c] = next(m for m, v in values.items() if v == top)  # first in --compare order
+    summary = {
+        "split": split,
+        "epochs": int(options["epochs"]),
+        "seed": int(options["seed"]),
+        "columns": columns,
+        "higher_is_better": higher,
+        "best": best,
+        "methods": {
+            m: {"out": str(out / _safe(m)), "final": {c: finals[m].get(c) for c in columns}}
+            for m in methods
+        },
+    }
+    write_text_atomic(out / "compare.json", json.dumps(summary, indent=2) + "\n")
+    try:
+        plot_compare(histories, columns, split, out / "compare.png")
+    except ImportError:
+        err_console().print("matplotlib is not installed: compare.png not written")
+    _print_compare(methods, columns, finals, best, higher, split, out)
+    return 0
+
+
+def _print_compare(methods, columns, finals, best, higher, split, out) -> None:
+    from rich.table import Table
+
+    from impartial_train.plots import _fmt
+
+    table = Table(title=f"final {split} values", caption="* best   ↑ higher is better")
+    table.add_column("loss / metric")
+    for m in methods:
+        table.add_column(m, justify="right")
+    for c in columns:
+        cells = []
+        top = finals[best[c]].get(c) if c in best else None
+        for m in methods:
+            value = finals[m].get(c)
+            text = _fmt(value)
+            cells.append(f"[bold green]{text} *[/]" if top is not None and value == top else text)
+        table.add_row(f"{c} ↑" if higher[c] else c, *cells)
+    console = out_console()
+    console.print(table)
+    console.print(f"compare.json and compare.png in {out}", highlight=False, markup=False)
+
+
+# --------------------------------------------------------------------------------------------
+# entry point
+
+
+def _resume_command(model_arg: str, out: Path) -> str:
+    return shlex.join([PROG, model_arg, "--out", str(out), "--resume"])
+
+
+def _main(argv: list[str]) -> int:
+    from cli.loader import load_model_file
+    from impartial_train.checkpoint import TrainingInterrupted
+
+    args = build_parser().parse_args(argv)
+    model_path = Path(args.model)
+    options, out = resolve_options(args, model_path)
+    if options.get("compare") is None:
+        method_args = parse_method_args(options["method_arg"])
+        check_method(options["method"], method_args)
+    mf = load_model_file(args.model)
+    _check_train_dataset(mf)
+    if args.resume and options.get("compare") is None and not (out / "checkpoint.pt").is_file():
+        raise UsageError(
+            f"cannot resume: there is no checkpoint.pt in {out} (train without --resume first, "
+            "or point --out at an earlier run)"
+        )
+    try:
+        if options.get("compare") is not None:
+            return compare(mf, options, out, args.resume, argv)
+        train_one(mf, options, options["method"], out, args.resume, argv)
+    except TrainingInterrupted as exc:
+        from rich.text import Text
+
+        err_console().print(
+            Text(f"{exc.describe()}; resume with: {_resume_command(args.model, out)}", "yellow"),
+            soft_wrap=True,
+        )
+        return 130
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``impartial-train`` console script."""
+    return run_cli(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""Pictures and tables of training runs: ``curves.png``, ``compare.png``, summary tables.
+
+matplotlib (Agg backend) is imported only when a picture is drawn.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "higher_is_better",
+    "metric_columns",
+    "plot_compare",
+    "plot_curves",
+    "summary_tables",
+]
+
+SKIP = ("epoch", "split", "examples", "branch_points")
+_HIGHER = re.compile(
+    r"(acc|accuracy|auc|auroc|f1|r2|score|precision|recall|elbo|loglik|log_lik|likelihood|"
+    r"coherence|iou|bleu|psnr|ssim)",
+    re.IGNORECASE,
+)
+_LOWER = re.compile(r"(nll|error|err|loss|rmse|mse|mae|dist|kl|fid|perplexity)", re.IGNORECASE)
+
+
+def higher_is_better(name: str) -> bool:
+    """Whether a larger value of column ``name`` is better (accuracy, log-likelihood, ...).
+
+    Losses, errors, NLL and anything unrecognised: lower is better."""
+    if _LOWER.search(name.split("/")[0]) and not _HIGHER.search(name.split("/")[0]):
+        return False
+    return bool(_HIGHER.search(name))
+
+
+def metric_columns(history: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Numeric columns of the history rows, in order of first appearance."""
+    cols: dict[str, None] = {}
+    for row in history:
+        for key, value in row.items():
+            if key in SKIP or isinstance(value, bool):
+                continue
+            if isinstance(value, int | float) or value is None:
+                cols.setdefault(key, None)
+    return list(cols)
+
+
+def _series(history, split: str, column: str) -> tuple[list[int], list[float]]:
+    xs, ys = [], []
+    for row in history:
+        if row.get("split") != split:
+            continue
+        value = row.get(column)
+        if isinstance(value, int | float) and math.isfinite(value):
+            xs.append(row["epoch"])
+            ys.append(float(value))
+    return xs, ys
+
+
+def _figure(n: int):
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    cols = min(4, max(1, n))
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 2.9 * rows), squeeze=False)
+    flat = [ax for line in axes for ax in line]
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return plt, fig, flat[:n]
+
+
+def _style(ax, title: str) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("epoch", fontsize=8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+
+
+def _save(plt, fig, path: Path) -> None:
+    from impartial_train.checkpoint import _atomic
+
+    # fixed margins: tight_layout would cost more than the drawing itself
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.1, top=0.92, wspace=0.3, hspace=0.55)
+    _atomic(Path(path), lambda f: fig.savefig(f, format="png", dpi=80))
+    plt.close(fig)
+
+
+def _losses_first(columns: list[str], history) -> list[str]:
+    """Columns present on train rows (losses, total) first, then the evaluate() metrics."""
+    train = {k for r in history if r.get("split") == "train" for k in r}
+    val = {k for r in history if r.get("split") == "val" for k in r}
+    losses = [c for c in columns if c in train and (c in val or not val)]
+    return losses + [c for c in columns if c not in losses]
+
+
+def plot_curves(history: Sequence[Mapping[str, Any]], path: str | Path) -> None:
+    """One panel per loss (and ``total``, and each evaluate() metric): train and val vs epoch."""
+    columns = _losses_first(metric_columns(history), history)
+    if not columns:
+        return
+    plt, fig, axes = _figure(len(columns))
+    for ax, column in zip(axes, columns):
+        for split, style, color in (("train", "-", "C0"), ("val", "--", "C1")):
+            xs, ys = _series(history, split, column)
+            if xs:
+                ax.plot(xs, ys, style, color=color, marker="o", markersize=2.5, label=split)
+        _style(ax, column)
+        if len(ax.get_lines()) > 1:
+            ax.legend(fontsize=7)
+    _save(plt, fig, Path(path))
+
+
+def plot_compare(
+    histories: Mapping[str, Sequence[Mapping[str, Any]]],
+    columns: Sequence[str],
+    split: str,
+    path: str | Path,
+    limit: int = 16,
+) -> None:
+    """One panel per column (at most ``limit``): one curve per method on ``split``."""
+    columns = list(columns)[:limit]
+    if not columns:
+        return
+    plt, fig, axes = _figure(len(columns))
+    for ax, column in zip(axes, columns):
+        for method, history in histories.items():
+            xs, ys = _series(history, split, column)
+            if not xs:
+                xs, ys = _series(history, "train", column)
+            if xs:
+                ax.plot(xs, ys, marker="o", markersize=2.5, label=method)
+        _style(ax, f"{column} ({split})")
+        ax.legend(fontsize=7)
+    _save(plt, fig, Path(path))
+
+
+def _fmt(value: Any) -> str:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return "-" if value is None else str(value)
+    if not math.isfinite(value):
+        return str(value)
+    a = abs(value)
+    if a != 0 and (a >= 1e5 or a < 1e-3):
+        return f"{value:.3e}"
+    return f"{value:.4f}"
+
+
+def _last(history, split: str) -> Mapping[str, Any] | None:
+    rows = [r for r in history if r.get("split") == split]
+    return rows[-1] if rows else None
+
+
+def _first(history, split: str) -> Mapping[str, Any] | None:
+    rows = [r for r in history if r.get("split") == split]
+    return rows[0] if rows else None
+
+
+def summary_tables(history: Sequence[Mapping[str, Any]], seconds: float, out: Path | None):
+    """Rich tables: per loss/metric the first and final train values and the final val value;
+    per branch point the final epoch's mean weights and stream cosine."""
+    from rich.table import Table
+
+    first, last, val = _first(history, "train"), _last(history, "train"), _last(history, "val")
+    epochs = last["epoch"] if last else 0
+    where = f" — outputs in {out}" if out is not None else ""
+    table = Table(title=f"training summary: {epochs} epoch(s), {seconds:.1f} s{where}")
+    both = first is not None and last is not None and first["epoch"] != last["epoch"]
+    table.add_column("loss / metric")
+    if both:
+        table.add_column(f"train, epoch {first['epoch']}", justify="right")
+    table.add_column(f"train, epoch {epochs}", justify="right")
+    if val is not None:
+        table.add_column(f"val, epoch {val['epoch']}", justify="right")
+    for column in _losses_first(metric_columns(history), history):
+        cells = [_fmt(last.get(column)) if last else "-"]
+        if both:
+            cells.insert(0, _fmt(first.get(column)))
+        if val is not None:
+            cells.append(_fmt(val.get(column)))
+        style = "bold" if column == "total" else None
+        table.add_row(column, *cells, style=style)
+    tables = [table]
+    points = (last or {}).get("branch_points") or {}
+    if points:
+        bp = Table(title=f"branch points (means over epoch {epochs})")
+        bp.add_column("branch point")
+        bp.add_column("streams")
+        bp.add_column("weights", justify="right")
+        bp.add_column("mean cos", justify="right")
+        bp.add_column("min cos", justify="right")
+        for name, point in points.items():
+            weights = point.get("weights") or []
+            cosine = point.get("cosine") or []
+            off = [c for i, line in enumerate(cosine) for j, c in enumerate(line) if i < j]
+            bp.add_row(
+                name,
+                " | ".join(point.get("streams", [])),
+                " ".join(f"{w:.3g}" for w in weights),
+                _fmt(sum(off) / len(off)) if off else "-",
+                _fmt(min(off)) if off else "-",
+            )
+        tables.append(bp)
+    return tables
