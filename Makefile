@@ -32,6 +32,7 @@ graphviz:
 
 demo: setup
 	$(VENV)/bin/blockfinder analyze examples/tabular_vae.py -o $(DEMO_OUT)/blocks.svg --json $(DEMO_OUT)/blocks.json
+	rm -rf $(DEMO_OUT)/train
 	$(VENV)/bin/impartial-train examples/tabular_vae.py --compare sum,imtl-g --epochs 3 --out $(DEMO_OUT)/train
 	@echo "demo outputs: $(DEMO_OUT)/ (blocks.svg, blocks.json, train/compare.json, train/compare.png)"
 

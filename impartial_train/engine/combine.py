@@ -39,7 +39,10 @@ def combine_streams(
         rows = rows[finite]
         present = keep
     work = rows if rows.dtype in (torch.float32, torch.float64) else rows.float()
-    gramian = work @ work.T
+    # float64 Gramian: nearly colinear streams (the common case at a shared trunk) lose their
+    # differences in float32 inner products, and the S x S solves amplify that.
+    rows64 = work.double()
+    gramian = rows64 @ rows64.T
     if gramian_hook is not None:
         gramian = gramian_hook(gramian)
     stream_losses = losses[present] if losses is not None else None
