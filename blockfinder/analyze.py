@@ -252,7 +252,6 @@ def _run(
     else:
         graph, capture = truth.graph, "autograd"
 
-
     start = time.perf_counter()
     analysis = analyze_graph(graph, loss_names)
     timings["analysis"] = time.perf_counter() - start
