@@ -5,8 +5,8 @@ batch 256, CPU, 1 thread). Streams S = number of modalities; the branch point is
 sample fanned out to the S decoders. For each S and method, plain and impartial steps alternate
 (so drifts in machine speed hit both alike) and the median ratio is printed, together with the cost
 of the per-task approach (one backward per task through the shared part, as LibMTL does) and the
-peak memory ratio (tracemalloc is blind to torch's allocator, so the resident-set growth of a fresh
-subprocess per configuration is used).
+ratio of the peak memory a step adds (tracemalloc is blind to torch's allocator, so each
+configuration runs in a fresh process and the kernel's resident-set peak is read around the steps).
 
 Run: ``python benchmarks/bench_step.py [--streams 4 8 16] [--methods pcgrad imtl-g mgda]
 [--engine auto|hook|graph]`` (``--engine``: the surgery engine, default ``auto`` as in ``wrap``;
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -127,17 +128,52 @@ def measure(modalities: int, method: str, reps: int, engine: str = "auto") -> di
     }
 
 
-def _peak_rss(modalities: int, method: str, engine: str = "auto") -> float:
-    code = (
-        "import resource,sys,torch; torch.set_num_threads(1); sys.path.insert(0,'benchmarks');"
-        "import bench_step as b; import impartial_train as it;"
-        f"m,x=b.make({modalities});"
-        f"im=it.wrap(m,x,method={method!r},engine={engine!r}) if {method!r}!='plain' else None;"
-        "f=(lambda: b.plain_step(m,x)) if im is None else (lambda: sum(im(x).values()).backward());"
-        "[f() for _ in range(3)];"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+_STEP_MEMORY = """
+import sys, torch
+torch.set_num_threads(1)
+sys.path.insert(0, "benchmarks")
+import bench_step as b
+import impartial_train as it
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1])
+
+m, x = b.make({modalities})
+if {method!r} == "plain":
+    step = lambda: b.plain_step(m, x)
+else:
+    im = it.wrap(m, x, method={method!r}, engine={engine!r})
+    def step():
+        out = im(x)
+        m.zero_grad(set_to_none=True)
+        sum(out.values()).backward()
+step(); step()  # capture, caches and allocator pools are set up outside the measurement
+before = status("VmRSS:")
+with open("/proc/self/clear_refs", "w") as fh:
+    fh.write("5")  # resets the peak (VmHWM) to the current RSS
+for _ in range(3):
+    step()
+print(status("VmHWM:") - before)
+"""
+
+
+def _step_memory(modalities: int, method: str, engine: str = "auto") -> float:
+    """Peak resident memory a training step adds above the process's resident set before it (KiB).
+
+    Measured in a fresh process per configuration (glibc told to return large blocks to the
+    kernel), after two warm-up steps, with the kernel's peak counter reset
+    (``/proc/self/clear_refs``): what the step itself allocates (activations, gradients, stream
+    stashes), not what importing and capturing left resident.
+    """
+    code = _STEP_MEMORY.format(modalities=modalities, method=method, engine=engine)
+    # Large blocks through mmap go back to the kernel when freed, so the resident set follows
+    # the live tensors instead of glibc's retained heap.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -146,7 +182,7 @@ def main() -> None:
     parser.add_argument("--streams", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--methods", nargs="+", default=["pcgrad", "imtl-g", "mgda"])
     parser.add_argument("--reps", type=int, default=7)
-    parser.add_argument("--memory", action="store_true", help="also measure peak RSS ratios")
+    parser.add_argument("--memory", action="store_true", help="peak step memory (Linux)")
     parser.add_argument("--json", help="write the rows to this file")
     parser.add_argument(
         "--engine", choices=["auto", "hook", "graph"], help="surgery engine (default: auto)"
@@ -164,13 +200,13 @@ def main() -> None:
     )
     rows = []
     for streams in args.streams:
-        base_rss = _peak_rss(streams, "plain") if args.memory else None
+        base_rss = _step_memory(streams, "plain") if args.memory else None
         for method in args.methods:
             row = measure(streams, method, args.reps, engine)
             if args.engine:
                 row["engine"] = engine
             if base_rss:
-                row["memory_ratio"] = _peak_rss(streams, method, engine) / base_rss
+                row["memory_ratio"] = _step_memory(streams, method, engine) / base_rss
             rows.append(row)
             mem = f"{row['memory_ratio']:.3f}" if "memory_ratio" in row else "-"
             print(

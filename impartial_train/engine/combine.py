@@ -29,20 +29,23 @@ def combine_streams(
         return None
     rows = torch.stack([stash[i].reshape(-1) for i in present])
     stats.dropped = []
-    finite = torch.isfinite(rows).all(dim=1)
+    work = rows if rows.dtype in (torch.float32, torch.float64) else rows.float()
+    # float64 Gramian: nearly colinear streams (the common case at a shared trunk) lose their
+    # differences in float32 inner products, and the S x S solves amplify that.
+    rows64 = work.double()
+    gramian = rows64 @ rows64.T
+    # A row is finite exactly when its squared norm is (float64 cannot overflow on finite
+    # float32 rows), so the diagonal tells without another pass over the S x D rows.
+    finite = torch.isfinite(gramian.diagonal())
     if not bool(finite.all()):
         keep = [i for i, ok in zip(present, finite.tolist()) if ok]
         stats.dropped = [i for i in present if i not in keep]
         if not keep:
             stats.gramian, stats.weights = None, None
             return rows.sum(dim=0)
-        rows = rows[finite]
+        rows, work = rows[finite], work[finite]
+        gramian = gramian[finite][:, finite]
         present = keep
-    work = rows if rows.dtype in (torch.float32, torch.float64) else rows.float()
-    # float64 Gramian: nearly colinear streams (the common case at a shared trunk) lose their
-    # differences in float32 inner products, and the S x S solves amplify that.
-    rows64 = work.double()
-    gramian = rows64 @ rows64.T
     if gramian_hook is not None:
         gramian = gramian_hook(gramian)
     stream_losses = losses[present] if losses is not None else None
