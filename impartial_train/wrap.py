@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -328,6 +329,10 @@ class ImpartialModel:
             point.key = key
             if key not in self._methods:
                 method = build(self.method_spec, **self.method_args)
+                if method is self.method_spec:
+                    # an instance given by the user: each branch point gets its own copy, so
+                    # that state (GradVac targets, GradNorm weights) is per branch point
+                    method = copy.deepcopy(method)
                 pending = getattr(self, "_pending_state", {})
                 if self._key_name(key) in pending:
                     method.load_state_dict(pending.pop(self._key_name(key)))

@@ -185,3 +185,42 @@ def test_bad_method_name_is_a_clear_error():
     model, x = TabularVAE(), torch.randn(4, 3)
     with pytest.raises(ValueError, match="pcgrad"):
         it.wrap(model, x, method="no-such-method")
+
+
+SEEN = []
+
+
+class _ActivationSpy(it.methods.Aggregator):
+    """An aggregator that asks for the activation and records what it gets."""
+
+    name = "activation-spy"
+    uses_activation = True
+
+    def forward(self, J, *, gramian=None, losses=None, activation=None):
+        SEEN.append(None if activation is None else tuple(activation.shape))
+        weights = torch.ones(J.shape[0], dtype=J.dtype)
+        return it.methods.Aggregation(gradient=J.sum(0), weights=weights)
+
+
+@pytest.mark.parametrize("engine", ["graph", "hook"])
+def test_activation_reaches_methods_that_ask_for_it_under_the_graph_engine(engine):
+    torch.manual_seed(6)
+    model, x = TabularVAE(), torch.randn(8, 3)
+    SEEN.clear()
+    imodel = it.wrap(model, x, method=_ActivationSpy(), engine=engine)
+    for _ in range(2):  # the graph engine's first step of a structure runs through hooks
+        out = imodel(x)
+        sum(out.values()).backward()
+    expected = (8, 16) if engine == "graph" else None
+    assert SEEN[-1] == expected
+
+
+def test_graddrop_trains_with_the_activation_sign():
+    torch.manual_seed(7)
+    model, x = TabularVAE(), torch.randn(8, 3)
+    imodel = it.wrap(model, x, method="graddrop", method_args={"seed": 0})
+    for _ in range(2):
+        model.zero_grad()
+        out = imodel(x)
+        sum(out.values()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())

@@ -16,13 +16,15 @@ def combine_streams(
     losses: torch.Tensor | None = None,
     rescale: bool = True,
     gramian_hook: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    activation: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Aggregate the streams' gradients (``None``: the stream sent none this step).
 
     Non-finite streams are dropped for this step and listed in ``stats.dropped``; if every
     stream is non-finite the plain sum is returned, so that the user's usual NaN handling (e.g.
     ``GradScaler`` skipping the step) applies. With ``rescale`` the result is scaled to the norm of
-    the plain sum (Javaloy et al. 2022, as in their code). Returns a flat (D,) tensor.
+    the plain sum (Javaloy et al. 2022, as in their code). ``activation`` is the forward value at
+    the branch point, for methods that read it (GradDrop). Returns a flat (D,) tensor.
     """
     present = [i for i, g in enumerate(stash) if g is not None]
     if not present:
@@ -53,7 +55,7 @@ def combine_streams(
         gradient = work[0]
         weights = torch.ones(1, dtype=work.dtype, device=work.device)
     else:
-        result = method(work, gramian=gramian, losses=stream_losses)
+        result = method(work, gramian=gramian, losses=stream_losses, activation=activation)
         gradient, weights = result.gradient, result.weights
     if rescale:
         g64 = gramian.double()

@@ -155,6 +155,8 @@ class Branch(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.step, ctx.index = step, index
         ctx.shape, ctx.dtype = x.shape, x.dtype
+        uses = getattr(step.methods[index], "uses_activation", False)
+        ctx.activation = x.detach() if uses else None
         return tuple(x.view_as(x) for _ in range(count))
 
     @staticmethod
@@ -168,7 +170,9 @@ class Branch(torch.autograd.Function):
             step.losses[i],
             step.rescale,
             step.gramian_hook,
+            activation=ctx.activation,
         )
+        ctx.activation = None
         if combined is not None:
             combined = combined.reshape(ctx.shape).to(ctx.dtype)
         return combined, None, None, None

@@ -74,6 +74,9 @@ class Aggregator(nn.Module):
     name: ClassVar[str] = ""
     #: Whether the method only rescales rows (so that it may come first in a composition ``a+b``).
     row_scaling: ClassVar[bool] = False
+    # True when the method reads the forward value at the branch point (``activation``); the
+    # graph engine then keeps it for backward (the hook engine has no access to it)
+    uses_activation: ClassVar[bool] = False
 
     def forward(
         self,

@@ -47,6 +47,7 @@ class Compose(GramianAggregator):
                     "rows (row-scaling methods: gradnorm, mean, nsgd, rlw, sum)"
                 )
         self.methods = nn.ModuleList(methods)
+        self.uses_activation = methods[-1].uses_activation
         self.name = "+".join(m.name for m in methods)  # type: ignore[misc]
         self.row_scaling = all(m.row_scaling for m in methods)  # type: ignore[misc]
 
