@@ -217,10 +217,14 @@ def cmd_analyze(args: Any) -> int:
     model = call_build_model(mf)
     batch = call_example_batch(mf)
     losses_fn = make_losses_fn(mf)
-    # One validated run first: clear messages about the losses and their names for --regularizer.
-    first = losses_fn(model, batch)
-    loss_names = tuple(first.keys())
-    del first
+    # One validated run first: clear messages about the losses and their names for --regularizer
+    # (on one thread, like the analysis: small eager runs only lose to thread contention).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        loss_names = tuple(losses_fn(model, batch).keys())
+    finally:
+        torch.set_num_threads(threads)
     regularizers = _regularizers(args, mf, loss_names)
 
     analyze = _analyze_fn()
