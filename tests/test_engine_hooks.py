@@ -156,3 +156,32 @@ def test_non_finite_stream_is_dropped_and_reported(bad):
     assert stats[0].dropped == [1]
     assert method.seen[0].shape[0] == 2
     assert all(torch.isfinite(model.get_parameter(n).grad).all() for n in ["enc.weight"])
+
+
+def test_rescale_leaves_a_pareto_stationary_result_unscaled():
+    """A min-norm method can return ~0 next to a large plain sum; rescaling it to the sum's norm
+    would blow numerical noise up to a full step (it made MGDA diverge in the reproduction)."""
+    from impartial_train.engine.combine import combine_streams
+
+    torch.manual_seed(8)
+    stash = [torch.randn(50), torch.randn(50)]
+
+    class NearZero(nn.Module):
+        def forward(self, J, *, gramian=None, losses=None, activation=None):
+            w = torch.tensor([1e-9, 0.0], dtype=J.dtype)
+            return _Result(w @ J, w)
+
+    stats = PointStats("", [])
+    out = combine_streams(stash, NearZero(), stats, rescale=True)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, 1e-9 * stash[0])
+    assert float(stats.scale) == 1.0
+
+    # a small but significant result is still rescaled to the plain sum's norm
+    class Small(nn.Module):
+        def forward(self, J, *, gramian=None, losses=None, activation=None):
+            w = torch.tensor([1e-3, 0.0], dtype=J.dtype)
+            return _Result(w @ J, w)
+
+    out = combine_streams(stash, Small(), stats, rescale=True)
+    torch.testing.assert_close(out.norm(), (stash[0] + stash[1]).norm())

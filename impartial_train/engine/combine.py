@@ -8,6 +8,9 @@ import torch
 
 from impartial_train.engine.stats import PointStats
 
+# Relative norm of the combined gradient under which it is not rescaled (see combine_streams).
+_STATIONARY = 1e-6
+
 
 def combine_streams(
     stash: Sequence[torch.Tensor | None],
@@ -65,7 +68,12 @@ def combine_streams(
             current = (w @ g64 @ w).clamp_min(0).sqrt()
         else:
             current = gradient.double().norm()
-        scale = torch.where(current > 0, target / current.clamp_min(1e-300), 1.0)
+        # At (numerically) Pareto-stationary points MGDA, PCGrad or CAGrad can return a
+        # combined gradient orders of magnitude below the plain sum; scaling that noise up to the
+        # sum's norm overflowed float32 and made training diverge (MGDA on movies and wine in
+        # docs/results.md). Below 1e-6 of the sum's norm the small step is kept as it is.
+        significant = current > _STATIONARY * target
+        scale = torch.where(significant, target / current.clamp_min(1e-300), 1.0)
         gradient = gradient * scale.to(gradient.dtype)
         stats.scale = scale
     stats.gramian = gramian.detach()
