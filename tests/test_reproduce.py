@@ -65,6 +65,21 @@ def test_minimal_reproduction_and_resume(tmp_path, capsys):
     wine = [r for r in data["runs"] if (r["dataset"], r["model"]) == ("wine", "VAE")]
     assert sorted(r["epochs"] for r in wine) == [2, 2] and len(data["runs"]) == len(runs)
 
+    # --redo failed: only the failed run is done again; a narrower command keeps the columns
+    # (commands that ran something are recorded: the resume above ran nothing)
+    for run in data["runs"]:
+        if (run["dataset"], run["model"], run["method"]) == ("wine", "HI-VAE", "imtl-g"):
+            run["status"] = "failed"
+    (tmp_path / "results.json").write_text(json.dumps(data))
+    redo = ["--quick", "--epochs", "1", "--seeds", "1", "--methods", "imtl-g", "--models"]
+    redo += ["HI-VAE", "--redo", "failed", "--out", str(tmp_path)]
+    assert reproduce.main(redo) == 0
+    assert "1 to do" in capsys.readouterr().out
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert all(r["status"] == "ok" for r in data["runs"]) and len(data["runs"]) == len(runs)
+    assert data["config"]["methods"] == ["sum", "imtl-g"] and len(data["config"]["commands"]) == 3
+    assert "| sum | imtl-g |" in (tmp_path / "results.md").read_text()
+
 
 @pytest.mark.slow
 def test_parallel_jobs(tmp_path):
