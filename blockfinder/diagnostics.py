@@ -80,7 +80,7 @@ def measure(
     split is measured too. Each entry names the matching branch point of ``report`` when one
     has the same streams and kind (``id``), and the autograd node it was measured on.
     """
-    from impartial_train.engine.hooks import HookEngine, plan_surgery
+    from impartial_train.engine.hooks import HookEngine, plan_surgery, point_keys
     from impartial_train.engine.stats import PointStats
 
     losses_fn = losses or default_losses
@@ -98,16 +98,8 @@ def measure(
             trainable = {id(p) for p in model.parameters() if p.requires_grad}
             points = plan_surgery(values, names, trainable)
             sinks: list[list[torch.Tensor]] = []
-            ranks: dict[tuple, int] = {}
-            keys = []
-            for point in points:
-                streams = tuple(
-                    tuple(n for i, n in enumerate(names) if b >> i & 1) for b in point.streams
-                )
-                base = (type(point.node).__name__, point.index, streams)
-                ranks[base] = ranks.get(base, 0) + 1
-                key = (*base, ranks[base])
-                keys.append(key)
+            for point, key in zip(points, point_keys(points, names)):
+                streams = key[2]
                 if key not in records:
                     func, module = recorder.origin.get(point.node, (type(point.node).__name__, ""))
                     records[key] = {"streams": streams, "func": func, "module": module, "g": []}

@@ -30,7 +30,8 @@ def _describe_error(exc: BaseException) -> str:
         ):
             where = f" at {frame.f_code.co_filename}:{tb.tb_lineno}"
         tb = tb.tb_next
-    return f"{type(exc).__name__}: {first}{where}"
+    message = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return f"{message}{where}"
 
 
 def call_losses(losses_fn: LossesFn, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:

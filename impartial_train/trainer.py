@@ -659,10 +659,6 @@ class Trainer:
     def _checkpoint_path_for_message(self) -> str:
         return str(self.out / CHECKPOINT) if self.out is not None else "(no output directory)"
 
-    def _methods_state(self) -> dict[str, Any]:
-        pending = dict(getattr(self.imodel, "_pending_state", {}) or {})
-        return {**pending, **self.imodel.methods_state_dict()}
-
     def _save_checkpoint(self, step: int, epoch_state=None, epoch_start_rng=None) -> None:
         gens = loader_generators(self._train_loader)
         rank_state: dict[str, Any] = {"rng": capture_rng(gens)}
@@ -689,7 +685,7 @@ class Trainer:
             "step": step,
             "model": self.model.state_dict(),
             "optimizer": optimizer_state,
-            "methods": self._methods_state(),
+            "methods": self.imodel.methods_state_dict(),
             "ranks": ranks,
             "world_size": self.world,
             "history": json.loads(json.dumps(self.history)),

@@ -16,7 +16,7 @@ from blockfinder.errors import BlockfinderError
 from blockfinder.losses import LossesFn, call_losses, check_losses, default_losses
 from blockfinder.report import BlockReport
 from impartial_train.engine.graph import GraphEngine, GraphProgram, GraphUnavailable
-from impartial_train.engine.hooks import HookEngine, SurgeryPoint, plan_surgery
+from impartial_train.engine.hooks import HookEngine, SurgeryPoint, plan_surgery, point_keys
 from impartial_train.engine.stats import PointStats
 from impartial_train.methods import Aggregator, build
 
@@ -114,6 +114,8 @@ class ImpartialModel:
         self.engine_notes: list[str] = []
         self.last_engine: str | None = None
         self._methods: dict[tuple, Aggregator] = {}
+        # loaded method states whose branch point has not been seen yet (restored when it is)
+        self._pending_state: dict[str, Any] = {}
         self._labels: dict[tuple, str] = {}
         self._stats: dict[tuple, PointStats] = {}
         self._signatures: set[tuple] = set()
@@ -164,7 +166,9 @@ class ImpartialModel:
             yield from method.parameters()
 
     def methods_state_dict(self) -> dict[str, Any]:
-        return {self._key_name(k): m.state_dict() for k, m in self._methods.items()}
+        """Method state per branch point, including loaded states not yet restored."""
+        built = {self._key_name(k): m.state_dict() for k, m in self._methods.items()}
+        return {**self._pending_state, **built}
 
     def load_methods_state_dict(self, state: Mapping[str, Any]) -> None:
         self._pending_state = dict(state)
@@ -317,15 +321,8 @@ class ImpartialModel:
             return [], [], []
         values = torch.stack([losses[n].detach().reshape(()) for n in names])
         methods, stats, stream_losses, masks_of = [], [], [], []
-        ranks: dict[tuple, int] = {}
-        for point in points:
-            streams = tuple(
-                tuple(n for i, n in enumerate(names) if b >> i & 1) for b in point.streams
-            )
-            base = (type(point.node).__name__, point.index, streams)
-            rank = ranks.get(base, 0)
-            ranks[base] = rank + 1
-            key = (*base, rank)
+        for point, key in zip(points, point_keys(points, names)):
+            streams = key[2]
             point.key = key
             if key not in self._methods:
                 method = build(self.method_spec, **self.method_args)
@@ -333,9 +330,8 @@ class ImpartialModel:
                     # an instance given by the user: each branch point gets its own copy, so
                     # that state (GradVac targets, GradNorm weights) is per branch point
                     method = copy.deepcopy(method)
-                pending = getattr(self, "_pending_state", {})
-                if self._key_name(key) in pending:
-                    method.load_state_dict(pending.pop(self._key_name(key)))
+                if self._key_name(key) in self._pending_state:
+                    method.load_state_dict(self._pending_state.pop(self._key_name(key)))
                 self._methods[key] = method
             if key not in self._labels:
                 func, module = origin.get(point.node, (None, ""))

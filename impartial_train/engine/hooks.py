@@ -44,6 +44,20 @@ class SurgeryPoint:
     label: str = ""
 
 
+def point_keys(points: Sequence[SurgeryPoint], names: Sequence[str]) -> list[tuple]:
+    """A key per point that is stable across steps of one structure: (autograd node type, output
+    index, streams as loss names, rank among points with the same first three)."""
+    ranks: dict[tuple, int] = {}
+    keys = []
+    for point in points:
+        streams = tuple(tuple(n for i, n in enumerate(names) if b >> i & 1) for b in point.streams)
+        base = (type(point.node).__name__, point.index, streams)
+        rank = ranks.get(base, 0)
+        ranks[base] = rank + 1
+        keys.append((*base, rank))
+    return keys
+
+
 def plan_surgery(
     loss_tensors: Mapping[str, torch.Tensor],
     tasks: Sequence[str],
