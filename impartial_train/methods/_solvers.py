@@ -15,7 +15,6 @@ from torch import Tensor
 __all__ = [
     "barrier_newton",
     "cosine_matrix",
-    "interior_point",
     "lstsq_tikhonov",
     "nash_bargaining",
     "nonneg_qp",
@@ -55,93 +54,163 @@ def _max_step(v: Tensor, dv: Tensor) -> Tensor:
 
 _PRIMAL_REG = 1e-12
 
-GradHess = Callable[[Tensor], tuple[Tensor, Tensor]]
 
+def nonneg_qp(q_mat: Tensor, q_vec: Tensor, a: Tensor | None = None, iters: int = 20) -> Tensor:
+    """Solve min 1/2 x^T Q x + q^T x  s.t. x >= 0 (and a^T x = 1 when ``a`` is given), batched.
 
-def interior_point(
-    grad_hess: GradHess, x0: Tensor, a: Tensor | None = None, iters: int = 30
-) -> Tensor:
-    """Primal-dual interior point (Mehrotra predictor-corrector) for a smooth convex objective.
-
-    Minimises f(x) subject to x >= 0 and, when ``a`` is given, a^T x = 1 (batched over leading
-    dimensions). ``grad_hess(x)`` returns the gradient and the Hessian of f. ``x0`` must be strictly
-    positive (and satisfy the equality). A fixed number of iterations is run; the Newton systems
-    are solved with ``lu_factor_ex``/``lu_solve``, so a singular system never raises, and a tiny
-    primal regularisation of the Newton matrix (the residuals stay exact) keeps it invertible
-    when the objective is flat along a direction (e.g. opposite rows).
+    Primal-dual interior point with Mehrotra's predictor-corrector; see ``_interior_point``.
     """
-    x = x0
-    z = torch.ones_like(x)
-    y = torch.zeros_like(x[..., :1])
-    tiny = torch.finfo(x.dtype).tiny
-    n = x.shape[-1]
-    if a is not None:
-        # Bordered KKT matrix [[H, -a], [a^T, 0]] (no elimination through H^-1, which loses all
-        # accuracy when the objective is flat along a direction that the equality removes).
-        kkt = torch.zeros(*x.shape[:-1], n + 1, n + 1, dtype=x.dtype, device=x.device)
-        kkt[..., :n, n] = -a
-        kkt[..., n, :n] = a
-    for _ in range(iters):
-        g, hess = grad_hess(x)
-        rd = g - z if a is None else g - z - a * y
-        ratio = z / x
-        mu = (x * z).mean(-1, keepdim=True)
-        h = hess + torch.diag_embed(ratio + _PRIMAL_REG)
-        rp = None
-        if a is None:
-            lu, piv, _ = torch.linalg.lu_factor_ex(h)
-        else:
-            kkt[..., :n, :n] = h
-            lu, piv, _ = torch.linalg.lu_factor_ex(kkt)
-            rp = (a * x).sum(-1, keepdim=True) - 1.0
-
-        def solve(rhs: Tensor, lu=lu, piv=piv, rp=rp) -> tuple[Tensor, Tensor | None]:
-            if rp is None:
-                return torch.linalg.lu_solve(lu, piv, rhs.unsqueeze(-1)).squeeze(-1), None
-            full = torch.cat((rhs, -rp), dim=-1).unsqueeze(-1)
-            sol = torch.linalg.lu_solve(lu, piv, full).squeeze(-1)
-            return sol[..., :n], sol[..., n:]
-
-        # Predictor (affine) direction: complementarity target 0, i.e. rc = x z, rc / x = z.
-        dx, _ = solve(-rd - z)
-        dz = -z - ratio * dx
-        t_aff = torch.minimum(_max_step(x, dx), _max_step(z, dz)).clamp(max=1.0)
-        mu_aff = ((x + t_aff * dx) * (z + t_aff * dz)).mean(-1, keepdim=True)
-        sigma = (mu_aff / mu).clamp(0.0, 1.0) ** 3
-        # Corrector: rc = x z + dx_aff dz_aff - sigma mu.
-        rc = x * z + dx * dz - sigma * mu
-        dx, dy = solve(-rd - rc / x)
-        dz = (-rc - z * dx) / x
-        t = (0.99 * torch.minimum(_max_step(x, dx), _max_step(z, dz))).clamp(max=1.0)
-        x = (x + t * dx).clamp_min(tiny)
-        z = (z + t * dz).clamp_min(tiny)
-        if dy is not None:
-            y = y + t * dy
-    return x
+    return _interior_point(q_mat, q_vec, a, iters)[0]
 
 
-def nonneg_qp(q_mat: Tensor, q_vec: Tensor, a: Tensor | None = None, iters: int = 30) -> Tensor:
-    """Solve min 1/2 x^T Q x + q^T x  s.t. x >= 0 (and a^T x = 1 when ``a`` is given), batched."""
+def _interior_point(
+    q_mat: Tensor, q_vec: Tensor, a: Tensor | None, iters: int
+) -> tuple[Tensor, Tensor]:
+    """Primal-dual interior point (Mehrotra predictor-corrector) for ``nonneg_qp``: (x, z).
 
-    def grad_hess(x: Tensor) -> tuple[Tensor, Tensor]:
-        return (q_mat @ x.unsqueeze(-1)).squeeze(-1) + q_vec, q_mat
-
-    if a is None:
-        x0 = torch.ones_like(q_vec)
+    A fixed number of iterations is run; the Newton systems are solved with
+    ``lu_factor_ex``/``lu_solve``, so a singular system never raises, and a tiny primal
+    regularisation of the Newton matrix (the residuals stay exact) keeps it invertible when the
+    objective is flat along a direction (e.g. opposite rows). With the equality, the bordered KKT
+    matrix [[Q + X^-1 Z, -a], [a^T, 0]] is factored (no elimination through Q^-1, which loses all
+    accuracy when the objective is flat along a direction that the equality removes). The start
+    is strictly positive and feasible. z is the multiplier of x >= 0 (x_i > z_i marks the
+    support near the solution). On problems this small each tensor operation costs more than
+    its arithmetic, so an iteration is kept to a short fixed sequence of them (x and z live in
+    one vector; complementarity is tracked as a sum, not a mean).
+    """
+    n = q_vec.shape[-1]
+    dt, dev = q_vec.dtype, q_vec.device
+    batch = q_vec.shape[:-1]
+    eq = a is not None
+    m = n + 1 if eq else n
+    base = torch.zeros(*batch, m, m, dtype=dt, device=dev)
+    base[..., :n, :n] = q_mat + _PRIMAL_REG * torch.eye(n, dtype=dt, device=dev)
+    if eq:
+        base[..., :n, n] = -a
+        base[..., n, :n] = a
+        x0 = (1.0 / a.sum(-1, keepdim=True)).expand(*batch, n)
     else:
-        x0 = (1.0 / a.sum(-1, keepdim=True)).expand_as(a).clone()
-    return interior_point(grad_hess, x0, a, iters)
+        x0 = torch.ones(*batch, n, dtype=dt, device=dev)
+    v = torch.cat((x0, torch.ones(*batch, n, dtype=dt, device=dev)), -1)
+    y = torch.zeros(*batch, 1, dtype=dt, device=dev)
+    pad = (0, m - n)
+    tiny = torch.finfo(dt).tiny
+    for _ in range(iters):
+        x, z = v[..., :n], v[..., n:]
+        rd = torch.matmul(q_mat, x.unsqueeze(-1)).squeeze(-1) + q_vec - z
+        rp = None
+        if eq:
+            rd = rd - a * y
+            rp = 1.0 - (a * x).sum(-1, keepdim=True)
+        ratio = z / x
+        lu, piv, _ = torch.linalg.lu_factor_ex(
+            base + torch.diag_embed(torch.nn.functional.pad(ratio, pad))
+        )
+        xz = x * z
+        gap = xz.sum(-1, keepdim=True)
+
+        # Predictor (affine) direction: complementarity target 0.
+        dx = _lu_solve(lu, piv, -rd - z, rp)[..., :n]
+        dv = torch.cat((dx, -z - ratio * dx), -1)
+        trial = v + _max_step(v, dv).clamp(max=1.0) * dv
+        gap_aff = (trial[..., :n] * trial[..., n:]).sum(-1, keepdim=True)
+        sigma = (gap_aff / gap).clamp(0.0, 1.0) ** 3
+        # Corrector: complementarity target sigma * mu, second-order term dx_aff dz_aff.
+        rc = xz + dx * dv[..., n:] - sigma * gap / n
+        sol = _lu_solve(lu, piv, -rd - rc / x, rp)
+        dx = sol[..., :n]
+        dv = torch.cat((dx, (-rc - z * dx) / x), -1)
+        t = (0.99 * _max_step(v, dv)).clamp(max=1.0)
+        v = (v + t * dv).clamp_min(tiny)
+        if eq:
+            y = y + t * sol[..., n:]
+    return v[..., :n], v[..., n:]
 
 
-def simplex_min_norm(cos: Tensor, norms: Tensor, iters: int = 30) -> Tensor:
+def _lu_solve(lu: Tensor, piv: Tensor, rhs: Tensor, border: Tensor | None) -> Tensor:
+    if border is not None:
+        rhs = torch.cat((rhs, border), -1)
+    return torch.linalg.lu_solve(lu, piv, rhs.unsqueeze(-1)).squeeze(-1)
+
+
+# Up to this many streams the simplex problem is solved by trying every support at once: 2^S - 1
+# small systems in one batched solve, a dozen tensor operations whatever the data (measured on
+# CPU: 0.15 ms at S = 4, 0.3 ms at S = 8, 2 ms at S = 10, 17 ms at S = 12).
+SUPPORTS_MAX = 8
+# Above it, interior-point iterations before the crossover (see simplex_min_norm).
+CROSSOVER_ITERS = 12
+
+_SUPPORT_MASKS: dict[tuple[int, torch.device], Tensor] = {}
+
+
+def _all_supports(s: int, device: torch.device) -> Tensor:
+    """The (2^s - 1, s) masks of every non-empty support of {0..s-1} (cached)."""
+    key = (s, device)
+    masks = _SUPPORT_MASKS.get(key)
+    if masks is None:
+        codes = torch.arange(1, 2**s, device=device)
+        masks = _SUPPORT_MASKS[key] = (
+            (codes.unsqueeze(-1) >> torch.arange(s, device=device)) & 1
+        ).bool()
+    return masks
+
+
+def _best_on_supports(
+    q_mat: Tensor, a: Tensor, masks: Tensor, extra: Tensor | None = None
+) -> Tensor:
+    """The best feasible point of min x^T Q x s.t. a^T x = 1, x >= 0 among candidates (batched).
+
+    Each row of ``masks`` (..., K, S) is a support T; its candidate is the minimiser with x_T free,
+    the solution of the bordered system [[Q_TT, a_T], [a_T^T, 0]] [x_T; -lambda] = [0; 1]. Each
+    candidate (and ``extra``, a point of any sign) is clipped at 0 and rescaled onto a^T x = 1, so
+    every candidate is feasible, and the one of least objective is returned. When the optimal
+    support is among the masks its candidate is the optimum itself, so the result is the optimum
+    (no tolerance on signs or multipliers is needed). Singular systems give non-finite candidates,
+    which are never chosen.
+    """
+    s = q_mat.shape[-1]
+    bordered_mask = torch.cat((masks, masks.new_ones(*masks.shape[:-1], 1)), -1)
+    keep = bordered_mask.unsqueeze(-1) & bordered_mask.unsqueeze(-2)
+    eye = torch.eye(s + 1, dtype=q_mat.dtype, device=q_mat.device)
+    zero = q_mat.new_zeros(*q_mat.shape[:-2], 1, 1)
+    bordered = torch.cat(
+        (torch.cat((q_mat, a.unsqueeze(-1)), -1), torch.cat((a.unsqueeze(-2), zero), -1)), -2
+    )
+    kkt = torch.where(keep, bordered.unsqueeze(-3), eye)
+    sol, _ = torch.linalg.solve_ex(kkt, eye[s].expand(*kkt.shape[:-1]))
+    x = sol[..., :s]
+    if extra is not None:
+        x = torch.cat((x, extra.unsqueeze(-2)), -2)
+    x = x.clamp_min(0.0)
+    total = (x * a.unsqueeze(-2)).sum(-1, keepdim=True)
+    x = x / total
+    objective = ((x @ q_mat) * x).sum(-1)
+    usable = (total.squeeze(-1) > 0) & torch.isfinite(objective)
+    best = torch.where(usable, objective, torch.inf).argmin(-1, keepdim=True)
+    return torch.gather(x, -2, best.unsqueeze(-1).expand(*best.shape, s)).squeeze(-2)
+
+
+def simplex_min_norm(cos: Tensor, norms: Tensor, iters: int = CROSSOVER_ITERS) -> Tensor:
     """Weights w on the simplex minimising ||sum_i w_i g_i|| (the min-norm point of the hull).
 
     Works on the unit rows: with w_i proportional to x_i / n_i, the problem is
     min x^T C x s.t. sum_i (n_min / n_i) x_i = 1, x >= 0, where C is the cosine matrix; this keeps
     the problem well scaled whatever the row norms. All norms must be positive.
+
+    Up to ``SUPPORTS_MAX`` streams every support is tried (exact). Above, ``iters`` interior-point
+    iterations approach the solution and a crossover finishes it: the supports that the iterate
+    points to ({x_i > z_i}, and {x_i > 1e-3 max x}) are solved exactly, and the best of those
+    candidates and the iterate itself is returned, so the result is exact once the support is
+    identified and never worse than the iterate.
     """
     a = norms.amin(-1, keepdim=True) / norms
-    x = nonneg_qp(cos, torch.zeros_like(norms), a, iters)
+    if cos.shape[-1] <= SUPPORTS_MAX:
+        x = _best_on_supports(cos, a, _all_supports(cos.shape[-1], cos.device))
+    else:
+        x, z = _interior_point(cos, torch.zeros_like(norms), a, iters)
+        masks = torch.stack((x > z, x > 1e-3 * x.amax(-1, keepdim=True)), -2)
+        x = _best_on_supports(cos, a, masks, extra=x)
     w = (a * x).clamp_min(0.0)
     return w / w.sum(-1, keepdim=True)
 
@@ -215,6 +284,9 @@ def nash_bargaining(a_mat: Tensor, iters: int = 40) -> Tensor:
             torch.isfinite(new).all(-1, keepdim=True) & (new > 0).all(-1, keepdim=True), new, b
         )
     return b
+
+
+GradHess = Callable[[Tensor], tuple[Tensor, Tensor]]
 
 
 def barrier_newton(

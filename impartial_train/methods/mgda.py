@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ._base import GramianAggregator
-from ._solvers import cosine_matrix, simplex_min_norm
+from ._solvers import CROSSOVER_ITERS, cosine_matrix, simplex_min_norm
 
 NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
@@ -28,12 +28,17 @@ class MGDA(GramianAggregator):
     ``|L_i|`` is used (VAE losses may be negative); without ``losses``, a loss normaliser falls
     back to 1 (with a warning, once).
 
-    Solver: a primal-dual interior-point method (Mehrotra predictor-corrector, fixed iteration
-    count, batched LU solves) on the unit rows: :math:`\min x^\top C x` s.t.
-    :math:`\sum_i x_i n_{min}/n_i = 1, x \ge 0`, C the cosine matrix, then
-    :math:`w \propto x_i / n_i`. This is exact up to the solver tolerance (KKT: every
-    :math:`g_i \cdot d \ge \|d\|^2`, with equality on the support) and insensitive to per-row
-    scales. A 1e-12 ridge on C makes the solution unique (duplicate rows share their weight).
+    Solver: on the unit rows, :math:`\min x^\top C x` s.t.
+    :math:`\sum_i x_i n_{min}/n_i = 1, x \ge 0` (C the cosine matrix), then
+    :math:`w \propto x_i / n_i`; this is insensitive to per-row scales. Up to 8 streams every
+    support is solved at once (one batched solve of the 2^S - 1 bordered KKT systems; each
+    candidate is made feasible and the least objective wins): exact, in a dozen tensor
+    operations. Above 8 streams, ``iters`` iterations of a primal-dual interior-point method
+    (Mehrotra predictor-corrector, batched LU) followed by a crossover (the supports the iterate
+    points to are solved exactly; the best candidate wins). Either way the result satisfies the
+    KKT conditions (every :math:`g_i \cdot d \ge \|d\|^2`, with equality on the support) to
+    ~1e-9 of the squared row scale (tested up to 16 streams, degenerate cases included). A
+    1e-12 ridge on C makes the solution unique (duplicate rows share their weight, to ~1e-3).
     If some row is zero, the min-norm point is 0: the weight goes to the zero rows.
 
     Properties (``none``): permutation invariant, positively homogeneous, non-conflicting
@@ -42,12 +47,12 @@ class MGDA(GramianAggregator):
 
     Args:
         normalization: one of ``none`` (default), ``l2``, ``loss``, ``loss+``.
-        iters: interior-point iterations.
+        iters: interior-point iterations before the crossover (more than 8 streams).
     """
 
     name = "mgda"
 
-    def __init__(self, normalization: str = "none", iters: int = 20) -> None:
+    def __init__(self, normalization: str = "none", iters: int = CROSSOVER_ITERS) -> None:
         super().__init__()
         if normalization not in NORMALIZATIONS:
             raise ValueError(
