@@ -224,3 +224,41 @@ def test_graddrop_trains_with_the_activation_sign():
         out = imodel(x)
         sum(out.values()).backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+class _LossSpy(it.methods.Aggregator):
+    """A user's aggregator (reads the stream losses unless it says it does not)."""
+
+    name = "loss-spy"
+
+    def __init__(self, uses_losses: bool) -> None:
+        super().__init__()
+        self.uses_losses = uses_losses
+        self.seen: list = []
+
+    def forward(self, J, *, gramian=None, losses=None, activation=None):
+        self.seen.append(None if losses is None else losses.detach().clone())
+        weights = torch.ones(J.shape[0], dtype=torch.float64)
+        return it.methods.Aggregation(gradient=J.sum(0), weights=weights)
+
+
+@pytest.mark.parametrize("engine", ["graph", "hook"])
+def test_stream_losses_reach_methods_that_read_them_only(engine):
+    torch.manual_seed(8)
+    model, x = TabularVAE(), torch.randn(8, 3)
+    for uses in (True, False):
+        spy = _LossSpy(uses)
+        imodel = it.wrap(model, x, method=spy, engine=engine)
+        for _ in range(3):  # the graph engine's first step of a structure runs through hooks
+            out = imodel(x)
+            sum(out.values()).backward()
+        # wrap copies an instance per branch point: read the copy's record
+        (method,) = imodel._methods.values()
+        assert len(method.seen) == 3
+        if uses:
+            tasks = [name for name in out if name != "kl"]
+            want = torch.stack([out[name].detach() for name in tasks]).double()
+            assert all(seen is not None for seen in method.seen)
+            torch.testing.assert_close(method.seen[-1].double(), want)
+        else:
+            assert all(seen is None for seen in method.seen)

@@ -7,9 +7,16 @@ from collections.abc import Callable, Sequence
 import torch
 
 from impartial_train.engine.stats import PointStats
+from impartial_train.methods._base import GramianAggregator, RowScaler, prepare_losses
 
 # Relative norm of the combined gradient under which it is not rescaled (see combine_streams).
 _STATIONARY = 1e-6
+
+# Methods whose forward is the generic "weights from the Gramian, then w @ J": the engine calls
+# their ``weights`` directly with the Gramian it already has. This runs in every backward, where a
+# tensor operation on S x S data costs microseconds of dispatch and nothing of arithmetic, so the
+# generic path's re-checks (shape, float64 cast, symmetrisation, finiteness) are skipped here.
+_WEIGHTS_ONLY = (GramianAggregator.forward, RowScaler.forward)
 
 
 def combine_streams(
@@ -32,17 +39,23 @@ def combine_streams(
     present = [i for i, g in enumerate(stash) if g is not None]
     if not present:
         return None
-    rows = torch.stack([stash[i].reshape(-1) for i in present])
+    grads = [stash[i] for i in present]
+    if all(g.shape == grads[0].shape for g in grads):
+        rows = torch.stack(grads).reshape(len(grads), -1)
+    else:
+        rows = torch.stack([g.reshape(-1) for g in grads])
     stats.dropped = []
     work = rows if rows.dtype in (torch.float32, torch.float64) else rows.float()
     # float64 Gramian: nearly colinear streams (the common case at a shared trunk) lose their
     # differences in float32 inner products, and the S x S solves amplify that.
-    rows64 = work.double()
-    gramian = rows64 @ rows64.T
+    rows64 = work if work.dtype == torch.float64 else work.double()
+    gramian = rows64 @ rows64.mT
+    gramian = 0.5 * (gramian + gramian.mT)
     # A row is finite exactly when its squared norm is (float64 cannot overflow on finite
-    # float32 rows), so the diagonal tells without another pass over the S x D rows.
-    finite = torch.isfinite(gramian.diagonal())
-    if not bool(finite.all()):
+    # float32 rows), and the trace is finite exactly when every squared norm is: one reduction
+    # instead of another pass over the S x D rows.
+    if not bool(torch.isfinite(gramian.trace())):
+        finite = torch.isfinite(gramian.diagonal())
         keep = [i for i, ok in zip(present, finite.tolist()) if ok]
         stats.dropped = [i for i in present if i not in keep]
         if not keep:
@@ -55,27 +68,34 @@ def combine_streams(
         gramian = gramian_hook(gramian)
     stream_losses = losses[present] if losses is not None else None
     if len(present) == 1:
-        gradient = work[0]
-        weights = torch.ones(1, dtype=work.dtype, device=work.device)
+        gradient, weights = None, torch.ones(1, dtype=torch.float64, device=work.device)
+    elif type(method).forward in _WEIGHTS_ONLY:
+        weights = method.weights(gramian, prepare_losses(stream_losses, work))
+        gradient = None
     else:
         result = method(work, gramian=gramian, losses=stream_losses, activation=activation)
         gradient, weights = result.gradient, result.weights
+    applied = weights
     if rescale:
-        g64 = gramian.double()
-        target = g64.sum().clamp_min(0).sqrt()
+        target2 = gramian.sum().clamp_min(0)
         if weights is not None:
             w = weights.double()
-            current = (w @ g64 @ w).clamp_min(0).sqrt()
+            current2 = (w @ gramian @ w).clamp_min(0)
         else:
-            current = gradient.double().norm()
+            current2 = gradient.double().square().sum()
         # At (numerically) Pareto-stationary points MGDA, PCGrad or CAGrad can return a
         # combined gradient orders of magnitude below the plain sum; scaling that noise up to the
         # sum's norm overflowed float32 and made training diverge (MGDA on movies and wine in
         # docs/results.md). Below 1e-6 of the sum's norm the small step is kept as it is.
-        significant = current > _STATIONARY * target
-        scale = torch.where(significant, target / current.clamp_min(1e-300), 1.0)
-        gradient = gradient * scale.to(gradient.dtype)
+        significant = current2 > (_STATIONARY * _STATIONARY) * target2
+        scale = torch.where(significant, (target2 / current2.clamp_min(1e-300)).sqrt(), 1.0)
         stats.scale = scale
+        if gradient is None:
+            applied = weights * scale
+        else:
+            gradient = gradient * scale.to(gradient.dtype)
+    if gradient is None:
+        gradient = applied.to(work.dtype) @ work
     stats.gramian = gramian.detach()
     stats.weights = None if weights is None else weights.detach()
-    return gradient.to(rows.dtype)
+    return gradient if gradient.dtype == rows.dtype else gradient.to(rows.dtype)

@@ -834,10 +834,12 @@ class GraphProgram:
     methods: list[nn.Module] = field(default_factory=list)
     stats: list[PointStats] = field(default_factory=list)
     masks: list[torch.Tensor] = field(default_factory=list)
+    needs_losses: list[bool] = field(default_factory=list)
 
     def bind(self, methods: Sequence[nn.Module], stats: Sequence[PointStats], masks) -> None:
         """The method, statistics and loss masks (streams x losses) of each branch point."""
         self.methods, self.stats, self.masks = list(methods), list(stats), list(masks)
+        self.needs_losses = [getattr(m, "uses_losses", True) for m in self.methods]
 
     def describe(self) -> str:
         if self.module is None:
@@ -958,11 +960,14 @@ class GraphEngine:
         assert program.module is not None
         with torch.enable_grad():
             out = program.module(*tensors, step)
-        values = torch.stack([out[n].detach().reshape(()) for n in program.names])
-        for i, mask in enumerate(program.masks):
-            if mask.device != values.device or mask.dtype != values.dtype:
-                mask = program.masks[i] = mask.to(values.device, values.dtype)
-            step.losses[i] = mask @ values
+        if any(program.needs_losses):
+            values = torch.stack([out[n].detach().reshape(()) for n in program.names])
+            for i, mask in enumerate(program.masks):
+                if not program.needs_losses[i]:
+                    continue
+                if mask.device != values.device or mask.dtype != values.dtype:
+                    mask = program.masks[i] = mask.to(values.device, values.dtype)
+                step.losses[i] = mask @ values
         return out
 
 

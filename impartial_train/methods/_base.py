@@ -77,6 +77,10 @@ class Aggregator(nn.Module):
     # True when the method reads the forward value at the branch point (``activation``); the
     # graph engine then keeps it for backward (the hook engine has no access to it)
     uses_activation: ClassVar[bool] = False
+    # Whether the method reads the stream losses; the engines gather them (a few tensor operations
+    # per step) only for methods that do. True unless a method says otherwise, so that a user's
+    # own aggregator always gets them.
+    uses_losses: ClassVar[bool] = True
 
     def forward(
         self,

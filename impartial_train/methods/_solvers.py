@@ -32,19 +32,17 @@ def row_norms(gramian: Tensor) -> Tensor:
 def cosine_matrix(gramian: Tensor, norms: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Cosine matrix U U^T of the unit rows, the row norms, and the mask of non-zero rows.
 
-    A zero row gets the unit vector ``e_i`` (cosine 1 with itself, 0 with the others), so that the
-    matrix stays a well-scaled Gramian; callers decide what a zero row means for their method.
-    Working on cosines makes the solvers insensitive to per-row scales (1e-12 next to 1e12).
+    ``gramian``: one symmetric S x S matrix. A zero row gets the unit vector ``e_i`` (cosine 1
+    with itself, 0 with the others), so that the matrix stays a well-scaled Gramian; callers
+    decide what a zero row means for their method. Working on cosines makes the solvers
+    insensitive to per-row scales (1e-12 next to 1e12). The result is exactly symmetric with an
+    exact unit diagonal.
     """
     n = row_norms(gramian) if norms is None else norms
     nonzero = n > 0
-    inv = torch.where(nonzero, 1.0 / torch.where(nonzero, n, 1.0), 0.0)
-    cos = gramian * inv.unsqueeze(-1) * inv.unsqueeze(-2)
-    eye = torch.eye(gramian.shape[-1], dtype=gramian.dtype, device=gramian.device)
-    keep = nonzero.unsqueeze(-1) & nonzero.unsqueeze(-2)
-    cos = torch.where(keep, cos, eye).clamp(-1.0, 1.0)
-    cos = torch.where(eye.bool(), torch.ones_like(cos), cos)
-    return 0.5 * (cos + cos.transpose(-1, -2)), n, nonzero
+    inv = torch.where(nonzero, n.reciprocal(), 0.0)
+    cos = (gramian * torch.outer(inv, inv)).clamp_(-1.0, 1.0)
+    return cos.fill_diagonal_(1.0), n, nonzero
 
 
 def _max_step(v: Tensor, dv: Tensor) -> Tensor:
@@ -141,62 +139,65 @@ SUPPORTS_MAX = 8
 # Above it, interior-point iterations before the crossover (see simplex_min_norm).
 CROSSOVER_ITERS = 12
 
-_SUPPORT_MASKS: dict[tuple[int, torch.device], Tensor] = {}
+_SUPPORT_TABLES: dict[tuple[int, torch.dtype, torch.device], tuple[Tensor, Tensor, Tensor]] = {}
 
 
-def _all_supports(s: int, device: torch.device) -> Tensor:
-    """The (2^s - 1, s) masks of every non-empty support of {0..s-1} (cached)."""
-    key = (s, device)
-    masks = _SUPPORT_MASKS.get(key)
-    if masks is None:
+def _all_supports(
+    s: int, dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Every non-empty support T of {0..s-1}: the (2^s - 1, s) masks (as 0/1 values), the
+    (2^s - 1, s, s) masks of the T x T blocks, and the s x s identity (cached)."""
+    key = (s, dtype, device)
+    tables = _SUPPORT_TABLES.get(key)
+    if tables is None:
         codes = torch.arange(1, 2**s, device=device)
-        masks = _SUPPORT_MASKS[key] = (
-            (codes.unsqueeze(-1) >> torch.arange(s, device=device)) & 1
-        ).bool()
-    return masks
+        masks = ((codes.unsqueeze(-1) >> torch.arange(s, device=device)) & 1).bool()
+        blocks = masks.unsqueeze(-1) & masks.unsqueeze(-2)
+        eye = torch.eye(s, dtype=dtype, device=device)
+        tables = _SUPPORT_TABLES[key] = (masks.to(dtype), blocks, eye)
+    return tables
 
 
 def _best_on_supports(
-    q_mat: Tensor, a: Tensor, masks: Tensor, extra: Tensor | None = None
+    q_mat: Tensor,
+    a: Tensor,
+    masks: Tensor,
+    blocks: Tensor,
+    eye: Tensor,
+    extra: Tensor | None = None,
 ) -> Tensor:
-    """The best feasible point of min x^T Q x s.t. a^T x = 1, x >= 0 among candidates (batched).
+    """The best feasible point of min x^T Q x s.t. a^T x = 1, x >= 0 among candidates.
 
-    Each row of ``masks`` (..., K, S) is a support T; its candidate is the minimiser with x_T free,
-    the solution of the bordered system [[Q_TT, a_T], [a_T^T, 0]] [x_T; -lambda] = [0; 1]. Each
-    candidate (and ``extra``, a point of any sign) is clipped at 0 and rescaled onto a^T x = 1, so
-    every candidate is feasible, and the one of least objective is returned. When the optimal
-    support is among the masks its candidate is the optimum itself, so the result is the optimum
-    (no tolerance on signs or multipliers is needed). Singular systems give non-finite candidates,
-    which are never chosen.
+    Each row of ``masks`` (K, S; 0/1 values, ``blocks`` the matching T x T masks) is a support
+    T; its candidate minimises the objective on the affine set with x_T free and x_rest = 0:
+    x_T proportional to Q_TT^-1 a_T. Each candidate (and ``extra``, a point of any sign) is
+    clipped at 0 and rescaled onto a^T x = 1, so every candidate is feasible, and the one of
+    least objective is returned. When the optimal support is among the masks its candidate is
+    the optimum itself, so the result is the optimum (no tolerance on signs or multipliers is
+    needed). A direction in which Q_TT is (nearly) singular dominates Q_TT^-1 a_T: where a is
+    not orthogonal to it, it is a zero of the objective on the affine set (0 is in the hull),
+    which is then the right answer; where it is orthogonal (duplicate rows), it only moves
+    weight between rows that are equal. Singular systems give non-finite candidates, which are
+    never chosen.
     """
-    s = q_mat.shape[-1]
-    bordered_mask = torch.cat((masks, masks.new_ones(*masks.shape[:-1], 1)), -1)
-    keep = bordered_mask.unsqueeze(-1) & bordered_mask.unsqueeze(-2)
-    eye = torch.eye(s + 1, dtype=q_mat.dtype, device=q_mat.device)
-    zero = q_mat.new_zeros(*q_mat.shape[:-2], 1, 1)
-    bordered = torch.cat(
-        (torch.cat((q_mat, a.unsqueeze(-1)), -1), torch.cat((a.unsqueeze(-2), zero), -1)), -2
-    )
-    kkt = torch.where(keep, bordered.unsqueeze(-3), eye)
-    sol, _ = torch.linalg.solve_ex(kkt, eye[s].expand(*kkt.shape[:-1]))
-    x = sol[..., :s]
+    y, _ = torch.linalg.solve_ex(torch.where(blocks, q_mat, eye), masks * a)
     if extra is not None:
-        x = torch.cat((x, extra.unsqueeze(-2)), -2)
-    x = x.clamp_min(0.0)
-    total = (x * a.unsqueeze(-2)).sum(-1, keepdim=True)
-    x = x / total
-    objective = ((x @ q_mat) * x).sum(-1)
-    usable = (total.squeeze(-1) > 0) & torch.isfinite(objective)
-    best = torch.where(usable, objective, torch.inf).argmin(-1, keepdim=True)
-    return torch.gather(x, -2, best.unsqueeze(-1).expand(*best.shape, s)).squeeze(-2)
+        y = torch.cat((y, extra.unsqueeze(0)))
+    x = y.clamp_min(0.0)
+    total = x @ a
+    x = x / total.unsqueeze(-1)
+    objective = torch.nan_to_num(((x @ q_mat) * x).sum(-1), nan=torch.inf)
+    objective = torch.where(total > 0, objective, torch.inf)
+    return x[objective.argmin()]
 
 
 def simplex_min_norm(cos: Tensor, norms: Tensor, iters: int = CROSSOVER_ITERS) -> Tensor:
     """Weights w on the simplex minimising ||sum_i w_i g_i|| (the min-norm point of the hull).
 
     Works on the unit rows: with w_i proportional to x_i / n_i, the problem is
-    min x^T C x s.t. sum_i (n_min / n_i) x_i = 1, x >= 0, where C is the cosine matrix; this keeps
-    the problem well scaled whatever the row norms. All norms must be positive.
+    min x^T C x s.t. sum_i (n_min / n_i) x_i = 1, x >= 0, where C is the cosine matrix (one
+    S x S matrix); this keeps the problem well scaled whatever the row norms. All norms must be
+    positive.
 
     Up to ``SUPPORTS_MAX`` streams every support is tried (exact). Above, ``iters`` interior-point
     iterations approach the solution and a crossover finishes it: the supports that the iterate
@@ -204,15 +205,18 @@ def simplex_min_norm(cos: Tensor, norms: Tensor, iters: int = CROSSOVER_ITERS) -
     candidates and the iterate itself is returned, so the result is exact once the support is
     identified and never worse than the iterate.
     """
-    a = norms.amin(-1, keepdim=True) / norms
-    if cos.shape[-1] <= SUPPORTS_MAX:
-        x = _best_on_supports(cos, a, _all_supports(cos.shape[-1], cos.device))
+    a = norms.amin() / norms
+    s = cos.shape[-1]
+    if s <= SUPPORTS_MAX:
+        x = _best_on_supports(cos, a, *_all_supports(s, cos.dtype, cos.device))
     else:
         x, z = _interior_point(cos, torch.zeros_like(norms), a, iters)
-        masks = torch.stack((x > z, x > 1e-3 * x.amax(-1, keepdim=True)), -2)
-        x = _best_on_supports(cos, a, masks, extra=x)
-    w = (a * x).clamp_min(0.0)
-    return w / w.sum(-1, keepdim=True)
+        masks = torch.stack((x > z, x > 1e-3 * x.amax()))
+        blocks = masks.unsqueeze(-1) & masks.unsqueeze(-2)
+        eye = torch.eye(s, dtype=cos.dtype, device=cos.device)
+        x = _best_on_supports(cos, a, masks.to(cos.dtype), blocks, eye, extra=x)
+    w = a * x
+    return w / w.sum()
 
 
 def project_dual_cone(
@@ -238,24 +242,26 @@ def project_dual_cone(
 
 
 def lstsq_tikhonov(k: Tensor, rhs: Tensor, rel_eps: float = 1e-8, steps: int = 6) -> Tensor:
-    """Minimum-norm least-squares solution of k x = rhs (batched), without SVD or host sync.
+    """Minimum-norm least-squares solution of k x = rhs (one matrix, one right-hand side),
+    without SVD or host sync.
 
-    Iterated Tikhonov: x_{t+1} = x_t + (k^T k + eps I)^{-1} k^T (rhs - k x_t), from x_0 = 0, with
-    eps = rel_eps * trace(k^T k) / n. Components along singular values sigma with
-    sigma^2 >> eps converge geometrically (factor eps / (sigma^2 + eps) per step); those with
-    sigma^2 << eps stay near 0, as a pseudo-inverse with a relative cut-off ~ sqrt(rel_eps).
+    Iterated Tikhonov: x_{t+1} = x_t + P (rhs - k x_t), from x_0 = 0, with
+    P = (k^T k + eps I)^{-1} k^T and eps = rel_eps * trace(k^T k) / n. Components along singular
+    values sigma with sigma^2 >> eps converge geometrically (factor eps / (sigma^2 + eps) per
+    step); those with sigma^2 << eps stay near 0, as a pseudo-inverse with a relative cut-off
+    ~ sqrt(rel_eps). P is formed once (one factorisation, one multi-column solve), so each
+    step is two matrix-vector products.
     """
-    kt = k.transpose(-1, -2)
+    kt = k.mT
     normal = kt @ k
     n = normal.shape[-1]
-    eye = torch.eye(n, dtype=k.dtype, device=k.device)
-    scale = normal.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(torch.finfo(k.dtype).tiny)
-    reg = normal + (rel_eps * scale)[..., None, None] * eye
-    lu, piv, _ = torch.linalg.lu_factor_ex(reg)
-    x = torch.zeros_like(rhs)
-    for _ in range(steps):
-        res = rhs - (k @ x.unsqueeze(-1)).squeeze(-1)
-        x = x + torch.linalg.lu_solve(lu, piv, (kt @ res.unsqueeze(-1))).squeeze(-1)
+    eps = (normal.trace() * (rel_eps / n)).clamp_min(torch.finfo(k.dtype).tiny)
+    normal.diagonal().add_(eps)
+    lu, piv, _ = torch.linalg.lu_factor_ex(normal)
+    p = torch.linalg.lu_solve(lu, piv, kt)
+    x = p @ rhs
+    for _ in range(steps - 1):
+        x = x + p @ (rhs - k @ x)
     return x
 
 

@@ -31,6 +31,7 @@ class AlignedMTL(GramianAggregator):
     """
 
     name = "aligned-mtl"
+    uses_losses = False
 
     def weights(self, gramian: Tensor, losses: Tensor | None) -> Tensor:
         s = gramian.shape[0]

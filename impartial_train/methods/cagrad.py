@@ -49,6 +49,7 @@ class CAGrad(GramianAggregator):
     """
 
     name = "cagrad"
+    uses_losses = False
 
     def __init__(self, c: float = 0.5, rescale: int = 2, iters: int = 48) -> None:
         super().__init__()

@@ -52,6 +52,10 @@ class Compose(GramianAggregator):
         self.row_scaling = all(m.row_scaling for m in methods)  # type: ignore[misc]
 
     @property
+    def uses_losses(self) -> bool:  # type: ignore[override]
+        return any(m.uses_losses for m in self.methods)
+
+    @property
     def _last(self) -> Aggregator:
         return self.methods[-1]
 

@@ -26,6 +26,7 @@ class DualProj(GramianAggregator):
     """
 
     name = "dualproj"
+    uses_losses = False
 
     def __init__(self, reg: float = 1e-10, iters: int = 20) -> None:
         super().__init__()

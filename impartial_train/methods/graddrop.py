@@ -43,6 +43,7 @@ class GradDrop(RandomMixin, Aggregator):
     """
 
     name = "graddrop"
+    uses_losses = False
     uses_activation = True
 
     def __init__(self, leak: float | Sequence[float] = 0.0, seed: int | None = None) -> None:

@@ -44,6 +44,7 @@ class GradVac(LazyStateMixin, RandomMixin, GramianAggregator):
     """
 
     name = "gradvac"
+    uses_losses = False
     _lazy_state = ("targets",)
     targets: Tensor
 

@@ -37,6 +37,7 @@ class IMTLG(GramianAggregator):
     """
 
     name = "imtl-g"
+    uses_losses = False
 
     def weights(self, gramian: Tensor, losses: Tensor | None) -> Tensor:
         s = gramian.shape[0]

@@ -16,6 +16,7 @@ class Mean(RowScaler):
     """
 
     name = "mean"
+    uses_losses = False
 
     def scales(self, gramian: Tensor, losses: Tensor | None) -> Tensor:
         s = gramian.shape[0]

@@ -52,6 +52,10 @@ class MGDA(GramianAggregator):
 
     name = "mgda"
 
+    @property
+    def uses_losses(self) -> bool:  # type: ignore[override]
+        return self.normalization in ("loss", "loss+")
+
     def __init__(self, normalization: str = "none", iters: int = CROSSOVER_ITERS) -> None:
         super().__init__()
         if normalization not in NORMALIZATIONS:
@@ -91,12 +95,11 @@ class MGDA(GramianAggregator):
     def weights(self, gramian: Tensor, losses: Tensor | None) -> Tensor:
         s = gramian.shape[0]
         cos, norms, nonzero = cosine_matrix(gramian)
-        scaled = norms / self._normalisers(norms, losses)
-        safe = torch.where(nonzero, scaled, 1.0)
-        ridge = 1e-12 * torch.eye(s, dtype=cos.dtype, device=cos.device)
-        w = simplex_min_norm(cos + ridge, safe, self.iters)
+        if self.normalization != "none":
+            norms = norms / self._normalisers(norms, losses)
+        cos.diagonal().add_(1e-12)
+        w = simplex_min_norm(cos, torch.where(nonzero, norms, 1.0), self.iters)
         zero = (~nonzero).to(w.dtype)
-        has_zero = zero.sum() > 0
-        w_zero = zero / zero.sum().clamp_min(1.0)
-        w = torch.where(has_zero, w_zero, w)
-        return torch.where(torch.isfinite(w).all(), w, torch.full_like(w, 1.0 / s))
+        count = zero.sum()
+        w = torch.where(count > 0, zero / count, w)
+        return torch.where(torch.isfinite(w).all(), w, 1.0 / s)

@@ -43,6 +43,7 @@ class NashMTL(GramianAggregator):
     """
 
     name = "nash-mtl"
+    uses_losses = False
 
     def __init__(self, eps: float = 1e-8, rescale: bool = True, iters: int = 40) -> None:
         super().__init__()

@@ -35,6 +35,7 @@ class NSGD(LazyStateMixin, RowScaler):
     """
 
     name = "nsgd"
+    uses_losses = False
     _lazy_state = ("initial_norms",)
     initial_norms: Tensor
     counter: Tensor

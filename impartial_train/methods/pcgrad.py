@@ -37,6 +37,7 @@ class PCGrad(RandomMixin, GramianAggregator):
     """
 
     name = "pcgrad"
+    uses_losses = False
 
     def __init__(self, seed: int | None = None, shuffle: bool = True) -> None:
         super().__init__()
@@ -48,17 +49,20 @@ class PCGrad(RandomMixin, GramianAggregator):
 
     def weights(self, gramian: Tensor, losses: Tensor | None) -> Tensor:
         s = gramian.shape[0]
-        dev = gramian.device
-        coef = torch.eye(s, dtype=gramian.dtype, device=dev)
+        dev, dt = gramian.device, gramian.dtype
+        coef = torch.eye(s, dtype=dt, device=dev)
         if s == 1:
             return coef[0]
         orders = random_orders(s, self.generator(dev) if self.shuffle else None, dev)
         sq = gramian.diagonal()
-        safe_sq = torch.where(sq > 0, sq, 1.0)
-        rows = torch.arange(s, device=dev)
-        for k in range(s - 1):
-            j = orders[:, k]
-            dots = (coef @ gramian)[rows, j]
-            step = torch.where((dots < 0) & (sq[j] > 0), dots / safe_sq[j], 0.0)
-            coef[rows, j] -= step
+        inv_sq = torch.where(sq > 0, sq.reciprocal(), 0.0)
+        # Step k projects every row i against j = orders[i, k] at once: dots from the rows
+        # G[j] (G is symmetric), the 1/||g_j||^2 factors, and the one-hot matrices that write
+        # the correction into column j, all gathered before the loop.
+        targets = gramian[orders].unbind(1)
+        factors = inv_sq[orders].unbind(1)
+        columns = torch.nn.functional.one_hot(orders, s).to(dt).unbind(1)
+        for g_j, f_j, e_j in zip(targets, factors, columns):
+            dots = (coef * g_j).sum(-1)
+            coef = torch.addcmul(coef, (dots.clamp_max(0.0) * f_j).unsqueeze(-1), e_j, value=-1.0)
         return coef.sum(0)

@@ -24,6 +24,7 @@ class RLW(RandomMixin, RowScaler):
     """
 
     name = "rlw"
+    uses_losses = False
 
     def __init__(self, seed: int | None = None) -> None:
         super().__init__()

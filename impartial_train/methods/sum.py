@@ -17,6 +17,7 @@ class Sum(RowScaler):
     """
 
     name = "sum"
+    uses_losses = False
 
     def scales(self, gramian: Tensor, losses: Tensor | None) -> Tensor:
         return torch.ones(gramian.shape[0], dtype=gramian.dtype, device=gramian.device)

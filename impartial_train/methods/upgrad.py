@@ -35,6 +35,7 @@ class UPGrad(GramianAggregator):
     """
 
     name = "upgrad"
+    uses_losses = False
 
     def __init__(self, reg: float = 1e-10, iters: int = 20) -> None:
         super().__init__()
