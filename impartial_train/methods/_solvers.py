@@ -137,7 +137,7 @@ def _lu_solve(lu: Tensor, piv: Tensor, rhs: Tensor, border: Tensor | None) -> Te
 # CPU: 0.15 ms at S = 4, 0.3 ms at S = 8, 2 ms at S = 10, 17 ms at S = 12).
 SUPPORTS_MAX = 8
 # Above it, interior-point iterations before the crossover (see simplex_min_norm).
-CROSSOVER_ITERS = 12
+CROSSOVER_ITERS = 8
 
 _SUPPORT_TABLES: dict[tuple[int, torch.dtype, torch.device], tuple[Tensor, Tensor, Tensor]] = {}
 
@@ -211,7 +211,8 @@ def simplex_min_norm(cos: Tensor, norms: Tensor, iters: int = CROSSOVER_ITERS) -
         x = _best_on_supports(cos, a, *_all_supports(s, cos.dtype, cos.device))
     else:
         x, z = _interior_point(cos, torch.zeros_like(norms), a, iters)
-        masks = torch.stack((x > z, x > 1e-3 * x.amax()))
+        top = x.amax()
+        masks = torch.stack((x > z, x > 1e-1 * top, x > 1e-2 * top, x > 1e-3 * top, x > 1e-5 * top))
         blocks = masks.unsqueeze(-1) & masks.unsqueeze(-2)
         eye = torch.eye(s, dtype=cos.dtype, device=cos.device)
         x = _best_on_supports(cos, a, masks.to(cos.dtype), blocks, eye, extra=x)
