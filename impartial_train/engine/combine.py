@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -50,11 +51,11 @@ def combine_streams(
     # differences in float32 inner products, and the S x S solves amplify that.
     rows64 = work if work.dtype == torch.float64 else work.double()
     gramian = rows64 @ rows64.mT
-    gramian = 0.5 * (gramian + gramian.mT)
     # A row is finite exactly when its squared norm is (float64 cannot overflow on finite
     # float32 rows), and the trace is finite exactly when every squared norm is: one reduction
-    # instead of another pass over the S x D rows.
-    if not bool(torch.isfinite(gramian.trace())):
+    # instead of another pass over the S x D rows. Dropping streams changes S, so this is the one
+    # value read back to the host per branch point.
+    if not math.isfinite(gramian.trace().item()):
         finite = torch.isfinite(gramian.diagonal())
         keep = [i for i, ok in zip(present, finite.tolist()) if ok]
         stats.dropped = [i for i in present if i not in keep]
@@ -79,16 +80,17 @@ def combine_streams(
     if rescale:
         target2 = gramian.sum().clamp_min(0)
         if weights is not None:
-            w = weights.double()
-            current2 = (w @ gramian @ w).clamp_min(0)
+            w = weights if weights.dtype == torch.float64 else weights.double()
+            current2 = (w @ gramian) @ w
         else:
             current2 = gradient.double().square().sum()
         # At (numerically) Pareto-stationary points MGDA, PCGrad or CAGrad can return a
         # combined gradient orders of magnitude below the plain sum; scaling that noise up to the
         # sum's norm overflowed float32 and made training diverge (MGDA on movies and wine in
         # docs/results.md). Below 1e-6 of the sum's norm the small step is kept as it is.
+        # (current2 <= 0 is never significant, so its quotient is never selected)
         significant = current2 > (_STATIONARY * _STATIONARY) * target2
-        scale = torch.where(significant, (target2 / current2.clamp_min(1e-300)).sqrt(), 1.0)
+        scale = torch.where(significant, (target2 / current2).sqrt(), 1.0)
         stats.scale = scale
         if gradient is None:
             applied = weights * scale
@@ -96,6 +98,9 @@ def combine_streams(
             gradient = gradient * scale.to(gradient.dtype)
     if gradient is None:
         gradient = applied.to(work.dtype) @ work
-    stats.gramian = gramian.detach()
-    stats.weights = None if weights is None else weights.detach()
+    # (tensors of a backward without create_graph never require grad: nothing to detach)
+    stats.gramian = gramian.detach() if gramian.requires_grad else gramian
+    if weights is not None and weights.requires_grad:
+        weights = weights.detach()
+    stats.weights = weights
     return gradient if gradient.dtype == rows.dtype else gradient.to(rows.dtype)

@@ -284,5 +284,4 @@ def random_orders(
         keys = torch.arange(s, dtype=torch.float64, device=device).expand(s, s).clone()
     else:
         keys = torch.rand(s, s, generator=generator, device=device, dtype=torch.float64)
-    keys = keys.masked_fill(torch.eye(s, dtype=torch.bool, device=device), float("inf"))
-    return keys.argsort(dim=1)[:, : s - 1]
+    return keys.fill_diagonal_(float("inf")).argsort(dim=1)[:, : s - 1]

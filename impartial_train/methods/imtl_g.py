@@ -41,19 +41,19 @@ class IMTLG(GramianAggregator):
 
     def weights(self, gramian: Tensor, losses: Tensor | None) -> Tensor:
         s = gramian.shape[0]
-        dev, dt = gramian.device, gramian.dtype
         cos, norms, nonzero = cosine_matrix(gramian)
-        nz = nonzero.to(dt)
         n_min = torch.where(nonzero, norms, torch.inf).amin()
-        m = torch.where(nonzero, n_min / torch.where(nonzero, norms, 1.0), 0.0)
-        k = torch.zeros(s + 1, s + 1, dtype=dt, device=dev)
-        k[:s, :s] = cos
-        k[:s, s] = -nz
-        k[s, :s] = m
-        rhs = torch.zeros(s + 1, dtype=dt, device=dev)
+        m = torch.where(nonzero, n_min / norms, 0.0)
+        # The bordered system [[C, -1_nz], [m^T, 0]] [beta; c] = e_S.
+        k = torch.cat(
+            (
+                torch.cat((cos, nonzero.to(cos.dtype).neg_().unsqueeze(1)), 1),
+                torch.nn.functional.pad(m, (0, 1)).unsqueeze(0),
+            )
+        )
+        rhs = torch.zeros(s + 1, dtype=cos.dtype, device=cos.device)
         rhs[s] = 1.0
-        sol = lstsq_tikhonov(k, rhs)
-        alpha = m * sol[:s]
+        alpha = m * lstsq_tikhonov(k, rhs)[:s]
         total = alpha.sum()
         ok = torch.isfinite(total) & (total.abs() > 1e-12)
-        return torch.where(ok, alpha / torch.where(ok, total, 1.0), torch.full_like(alpha, 1 / s))
+        return torch.where(ok, alpha / total, 1.0 / s)
