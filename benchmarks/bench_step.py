@@ -185,12 +185,25 @@ def _step_memory(modalities: int, method: str, engine: str = "auto") -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def _median_memory(modalities: int, method: str, engine: str, runs: int) -> float:
+    """Median of ``runs`` fresh-process measurements (a single one varies by about +-10 %)."""
+    return statistics.median(_step_memory(modalities, method, engine) for _ in range(runs))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--streams", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--methods", nargs="+", default=["pcgrad", "imtl-g", "mgda"])
     parser.add_argument("--reps", type=int, default=21)
-    parser.add_argument("--memory", action="store_true", help="peak step memory (Linux)")
+    parser.add_argument(
+        "--memory",
+        type=int,
+        nargs="?",
+        const=3,
+        default=0,
+        metavar="RUNS",
+        help="peak step memory (Linux): median of RUNS fresh processes (default 3)",
+    )
     parser.add_argument("--json", help="write the rows to this file")
     parser.add_argument(
         "--engine", choices=["auto", "hook", "graph"], help="surgery engine (default: auto)"
@@ -208,13 +221,15 @@ def main() -> None:
     )
     rows = []
     for streams in args.streams:
-        base_rss = _step_memory(streams, "plain") if args.memory else None
+        base_rss = _median_memory(streams, "plain", "auto", args.memory) if args.memory else None
         for method in args.methods:
             row = measure(streams, method, args.reps, engine)
             if args.engine:
                 row["engine"] = engine
             if base_rss:
-                row["memory_ratio"] = _step_memory(streams, method, engine) / base_rss
+                row["memory_ratio"] = (
+                    _median_memory(streams, method, engine, args.memory) / base_rss
+                )
             rows.append(row)
             mem = f"{row['memory_ratio']:.3f}" if "memory_ratio" in row else "-"
             print(

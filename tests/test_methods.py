@@ -83,9 +83,9 @@ def randn(s: int, d: int, seed: int = 0, dtype=F64) -> torch.Tensor:
 
 
 @st.composite
-def degenerate(draw, max_streams: int = 4):
+def degenerate(draw, max_streams: int = 4, min_streams: int = 1):
     """Matrices with the degenerate structures the engines can meet."""
-    s = draw(st.integers(1, max_streams))
+    s = draw(st.integers(min_streams, max_streams))
     d = draw(st.integers(1, 6))
     j = randn(s, d, draw(st.integers(0, 2**16)))
     kind = draw(
@@ -356,6 +356,18 @@ def test_non_conflicting(name, j):
     norms = j.norm(dim=1)
     # J A(J) >= 0 up to the solver tolerance, relative to each row and the largest row
     assert (j @ d >= -1e-7 * norms * norms.max()).all(), (j @ d, norms)
+
+
+@given(j=degenerate(min_streams=9, max_streams=12))
+@SETTINGS
+def test_mgda_above_the_enumeration_limit_is_a_non_conflicting_simplex_point(j):
+    """More than 8 streams: interior point + crossover, on every degenerate structure."""
+    j = j.to(F64)
+    out = build("mgda")(j)
+    assert torch.isfinite(out.gradient).all() and torch.isfinite(out.weights).all()
+    assert (out.weights >= 0).all() and abs(float(out.weights.sum()) - 1.0) < 1e-9
+    norms = j.norm(dim=1)
+    assert (j @ out.gradient >= -1e-7 * norms * norms.max()).all(), (j @ out.gradient, norms)
 
 
 @given(j=degenerate(max_streams=5))
