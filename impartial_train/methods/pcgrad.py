@@ -61,7 +61,8 @@ class PCGrad(RandomMixin, GramianAggregator):
         # the correction into column j, all gathered before the loop.
         targets = gramian[orders].unbind(1)
         factors = inv_sq[orders].unbind(1)
-        columns = torch.nn.functional.one_hot(orders, s).to(dt).unbind(1)
+        # (a comparison, not F.one_hot, which checks its input's range on the host)
+        columns = (orders.unsqueeze(-1) == torch.arange(s, device=dev)).to(dt).unbind(1)
         for g_j, f_j, e_j in zip(targets, factors, columns):
             dots = (coef * g_j).sum(-1)
             coef = torch.addcmul(coef, (dots.clamp_max(0.0) * f_j).unsqueeze(-1), e_j, value=-1.0)
