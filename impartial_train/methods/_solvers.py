@@ -1,7 +1,8 @@
 """Small dense solvers for the S x S stream-space problems, in torch, without host sync.
 
-Every routine runs a fixed number of iterations (no data-dependent Python branching, no
-``.item()``), so it works unchanged on any device and never waits for the accelerator.
+Every routine does a fixed amount of work, a fixed number of iterations or one batched solve
+over fixed candidates (no data-dependent Python branching, no ``.item()``), so it works unchanged
+on any device and never waits for the accelerator.
 Inputs are float64.
 """
 
