@@ -15,13 +15,11 @@ losses meet there); branch points have a double bold border and the label ``BP<i
 
 from __future__ import annotations
 
-import contextlib
 import html
 import math
 import os
 import shutil
 import subprocess
-import tempfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +27,7 @@ from typing import Any
 
 import graphviz
 
+from blockfinder.atomic import atomic_write
 from blockfinder.errors import BlockfinderError
 from blockfinder.report import BlockReport
 
@@ -711,22 +710,6 @@ def _title(report: BlockReport, depth: int, ops: bool) -> str:
 # writing
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def render(
     report: BlockReport,
     path: str | os.PathLike[str],
@@ -750,7 +733,7 @@ def render(
     g = to_dot(report, depth, ops, max_op_nodes=max_op_nodes)
     source = g.source.encode("utf-8")
     if fmt == "dot":
-        _atomic_write(out, source)
+        atomic_write(out, source)
         return RenderResult(out, out, True, f"wrote {out}")
     dot_path = out.with_suffix(".dot")
     dot_exe = shutil.which("dot")
@@ -763,7 +746,7 @@ def render(
     except OSError:
         return _fallback(out, dot_path, source, "could not be run")
     except subprocess.TimeoutExpired:
-        _atomic_write(dot_path, source)
+        atomic_write(dot_path, source)
         return RenderResult(
             dot_path,
             dot_path,
@@ -772,7 +755,7 @@ def render(
             f"written instead of {out}: use a smaller --depth",
         )
     if proc.returncode != 0 or not proc.stdout:
-        _atomic_write(dot_path, source)
+        atomic_write(dot_path, source)
         err = " ".join(proc.stderr.decode("utf-8", "replace").split())[:200]
         return RenderResult(
             dot_path,
@@ -782,12 +765,12 @@ def render(
             f"was written instead of {out}",
         )
     data = proc.stdout
-    _atomic_write(out, data)
+    atomic_write(out, data)
     return RenderResult(out, None, True, f"wrote {out}")
 
 
 def _fallback(out: Path, dot_path: Path, source: bytes, why: str) -> RenderResult:
-    _atomic_write(dot_path, source)
+    atomic_write(dot_path, source)
     fmt = out.suffix.lstrip(".")
     return RenderResult(
         dot_path,

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
-import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from blockfinder.atomic import atomic_write
 from blockfinder.errors import BlockfinderError
 from cli._console import ArgumentParser, UsageError, err_console, info, out_console, run_cli, warn
 
@@ -189,19 +188,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
     """Write ``data`` as strict JSON to ``path`` through a temporary file and a rename."""
     data = _strict(json.loads(json.dumps(data, default=_json_default)))
     text = json.dumps(data, indent=2, allow_nan=False) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, text)
 
 
 def cmd_analyze(args: Any) -> int:

@@ -583,7 +583,7 @@ def _final_row(history: Sequence[Mapping[str, Any]], split: str) -> dict[str, An
 def compare(
     mf: Any, options: Mapping[str, Any], out: Path, resume: bool, argv: Sequence[str]
 ) -> int:
-    from impartial_train.checkpoint import write_text_atomic
+    from blockfinder.atomic import atomic_write
     from impartial_train.plots import higher_is_better, metric_columns, plot_compare
 
     methods = _split_list([options["compare"]])
@@ -610,7 +610,7 @@ def compare(
     out.mkdir(parents=True, exist_ok=True)
     config = _run_config(options, "compare", out, argv, mf)
     config["methods"] = methods
-    write_text_atomic(out / "config.json", json.dumps(config, indent=2, default=str) + "\n")
+    atomic_write(out / "config.json", json.dumps(config, indent=2, default=str) + "\n")
     histories: dict[str, list[dict[str, Any]]] = {}
     console = out_console()
     for method in methods:
@@ -648,7 +648,7 @@ def compare(
             for m in methods
         },
     }
-    write_text_atomic(out / "compare.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write(out / "compare.json", json.dumps(summary, indent=2) + "\n")
     try:
         plot_compare(histories, columns, split, out / "compare.png")
     except ImportError:

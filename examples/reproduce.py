@@ -45,6 +45,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from blockfinder.atomic import atomic_write
 from examples import results as res
 
 ROOT = Path(__file__).resolve().parent
@@ -382,7 +383,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def write_report(data: Mapping[str, Any], out: Path) -> list[Path]:
-    res.write_atomic(out / "results.md", res.markdown_report(data))
+    atomic_write(out / "results.md", res.markdown_report(data))
     try:
         plots = res.write_plots(data, out)
     except ImportError:  # matplotlib missing: tables only

@@ -18,11 +18,12 @@ import json
 import math
 import os
 import statistics
-import tempfile
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from blockfinder.atomic import atomic_write
 
 SCHEMA = 1
 
@@ -94,22 +95,7 @@ def load_results(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def save_results(path: str | os.PathLike[str], data: Mapping[str, Any]) -> None:
     """Write ``data`` as JSON atomically (a reader never sees a half-written file)."""
-    write_atomic(path, json.dumps(data, indent=1, sort_keys=False) + "\n")
-
-
-def write_atomic(path: str | os.PathLike[str], text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, json.dumps(data, indent=1, sort_keys=False) + "\n")
 
 
 def run_key(entry: Mapping[str, Any]) -> tuple[str, str, str, int]:

@@ -9,12 +9,12 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import tempfile
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import torch
+
+from blockfinder.atomic import atomic_write
 
 __all__ = [
     "FORMAT",
@@ -24,7 +24,6 @@ __all__ = [
     "restore_rng",
     "save_atomic",
     "sha256_file",
-    "write_text_atomic",
 ]
 
 FORMAT = 1
@@ -39,31 +38,10 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
     """``torch.save`` to a temporary file in the same directory, then ``os.replace``: a reader
     (or a crash) never sees a half-written checkpoint."""
-    _atomic(Path(path), lambda f: torch.save(obj, f))
-
-
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
-    """Write a text file through a temporary file and a rename."""
-    _atomic(Path(path), lambda f: f.write(text.encode("utf-8")))
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:

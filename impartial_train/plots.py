@@ -87,11 +87,11 @@ def _style(ax, title: str) -> None:
 
 
 def _save(plt, fig, path: Path) -> None:
-    from impartial_train.checkpoint import _atomic
+    from blockfinder.atomic import atomic_write
 
     # fixed margins: tight_layout would cost more than the drawing itself
     fig.subplots_adjust(left=0.07, right=0.98, bottom=0.1, top=0.92, wspace=0.3, hspace=0.55)
-    _atomic(Path(path), lambda f: fig.savefig(f, format="png", dpi=80))
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=80))
     plt.close(fig)
 
 

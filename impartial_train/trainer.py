@@ -50,6 +50,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from blockfinder.atomic import atomic_write
 from impartial_train.checkpoint import (
     FORMAT,
     TrainingInterrupted,
@@ -58,7 +59,6 @@ from impartial_train.checkpoint import (
     restore_rng,
     save_atomic,
     sha256_file,
-    write_text_atomic,
 )
 from impartial_train.data import (
     batch_size_of,
@@ -436,7 +436,7 @@ class Trainer:
             if resume:
                 self._rewrite_metrics()
             elif not (self.out / METRICS).exists() or not self.history:
-                write_text_atomic(self.out / METRICS, "")
+                atomic_write(self.out / METRICS, "")
             self._open_tensorboard()
         started = time.time()
         try:
@@ -826,11 +826,11 @@ class Trainer:
                 {"time": datetime.now().isoformat(timespec="seconds"), "from_epoch": self.epoch}
             )
             config["resumes"] = resumes
-        write_text_atomic(path, json.dumps(config, indent=2, default=str) + "\n")
+        atomic_write(path, json.dumps(config, indent=2, default=str) + "\n")
 
     def _rewrite_metrics(self) -> None:
         text = "".join(json.dumps(row) + "\n" for row in self.history)
-        write_text_atomic(self.out / METRICS, text)
+        atomic_write(self.out / METRICS, text)
 
     def _log_epoch(self, epoch: int) -> None:
         rows = [r for r in self.history if r["epoch"] == epoch]
