@@ -334,7 +334,7 @@ class ImpartialModel:
             points = plan_surgery(losses, tasks, trainable)
         if not points:
             return [], [], []
-        methods, stats, stream_losses, masks_of = [], [], [], []
+        methods, stats, masks_of = [], [], []
         for point, key in zip(points, point_keys(points, names)):
             streams = key[2]
             point.key = key
@@ -357,15 +357,21 @@ class ImpartialModel:
                 self._stats[key] = stat
             methods.append(self._methods[key])
             stats.append(stat)
-            masks_of.append([[b >> i & 1 for i in range(len(names))] for b in point.streams])
-        first = losses[names[0]]
-        values = None
-        if any(getattr(m, "uses_losses", True) for m in methods):
-            values = torch.stack([losses[n].detach().reshape(()) for n in names])
-        masks_of = [torch.tensor(m, dtype=first.dtype, device=first.device) for m in masks_of]
-        for method, masks in zip(methods, masks_of):
-            use = values is not None and getattr(method, "uses_losses", True)
-            stream_losses.append(masks.to(values.dtype) @ values if use else None)
+            masks_of.append(
+                torch.tensor(
+                    [[b >> i & 1 for i in range(len(names))] for b in point.streams],
+                    dtype=losses[names[0]].dtype,
+                    device=losses[names[0]].device,
+                )
+            )
+        # Only methods that read them get the stream losses (a few tensor operations a step).
+        needs = [getattr(m, "uses_losses", True) for m in methods]
+        values = (
+            torch.stack([losses[n].detach().reshape(()) for n in names]) if any(needs) else None
+        )
+        stream_losses = [
+            masks.to(values.dtype) @ values if use else None for masks, use in zip(masks_of, needs)
+        ]
         self.engine.install(points, methods, stats, stream_losses)
         return methods, stats, masks_of
 
