@@ -97,6 +97,8 @@ def measure(
             names = list(values)
             trainable = {id(p) for p in model.parameters() if p.requires_grad}
             points = plan_surgery(values, names, trainable)
+            if not points:
+                continue  # no branch point (or no trainable parameter): nothing to measure
             sinks: list[list[torch.Tensor]] = []
             for point, key in zip(points, point_keys(points, names)):
                 streams = key[2]

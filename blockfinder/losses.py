@@ -81,7 +81,7 @@ def check_losses(out: Any) -> dict[str, torch.Tensor]:
                 f"loss '{name}' is not a scalar: shape {tuple(value.shape)}; reduce it "
                 "(e.g. .sum() or .mean()) before returning it"
             )
-        if not value.is_floating_point() and not value.is_complex():
+        if not value.is_floating_point():
             raise LossError(f"loss '{name}' has dtype {value.dtype}; losses must be floating point")
         if not bool(torch.isfinite(value.detach()).all()):
             raise LossError(

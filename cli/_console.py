@@ -3,7 +3,8 @@
 ``run_cli(main_fn, argv)`` runs a CLI body and maps what it raises to an exit status:
 
 - a user error (:class:`~blockfinder.errors.BlockfinderError` and subclasses, bad command-line
-  arguments) -> one red line ``error: ...`` on stderr, exit 2 (traceback only with ``--debug``);
+  arguments, an ``OSError`` naming a file: an output path that is a directory or cannot be
+  created) -> one red line ``error: ...`` on stderr, exit 2 (traceback only with ``--debug``);
 - ``KeyboardInterrupt`` -> ``interrupted``, exit 130;
 - anything else -> ``internal error: ... (rerun with --debug for the traceback)``, exit 1.
 """
@@ -36,6 +37,7 @@ __all__ = [
     "one_line",
     "out_console",
     "run_cli",
+    "seed_number",
     "warn",
 ]
 
@@ -102,6 +104,17 @@ def _print_traceback(exc: BaseException) -> None:
     sys.stderr.flush()
 
 
+def seed_number(text: str) -> int:
+    """argparse type of ``--seed``: an integer in the range ``torch.manual_seed`` accepts."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid seed {text!r}: give an integer") from None
+    if not -(2**63) <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"seed {value} is out of range [-2**63, 2**64)")
+    return value
+
+
 def run_cli(
     main_fn: Callable[[list[str]], int | None],
     argv: Sequence[str] | None = None,
@@ -139,14 +152,23 @@ def run_cli(
         with contextlib.suppress(OSError):
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
         return EXIT_INTERNAL
-    except Exception as exc:
+    except OSError as exc:
+        if exc.filename is None:
+            return _internal_error(exc, debug)
         if debug:
             _print_traceback(exc)
-            error_line(f"{type(exc).__name__}: {one_line(exc)}", prefix="internal error")
-        else:
-            error_line(
-                f"{type(exc).__name__}: {one_line(exc)} (rerun with --debug for the traceback)",
-                prefix="internal error",
-            )
-        return EXIT_INTERNAL
+        error_line(f"{exc.strerror or one_line(exc)}: {exc.filename}")
+        return EXIT_USAGE
+    except Exception as exc:
+        return _internal_error(exc, debug)
     return EXIT_OK if code is None else int(code)
+
+
+def _internal_error(exc: BaseException, debug: bool) -> int:
+    message = f"{type(exc).__name__}: {one_line(exc)}"
+    if debug:
+        _print_traceback(exc)
+    else:
+        message += " (rerun with --debug for the traceback)"
+    error_line(message, prefix="internal error")
+    return EXIT_INTERNAL

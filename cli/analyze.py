@@ -16,7 +16,16 @@ from typing import Any
 
 from blockfinder.atomic import atomic_write
 from blockfinder.errors import BlockfinderError
-from cli._console import ArgumentParser, UsageError, err_console, info, out_console, run_cli, warn
+from cli._console import (
+    ArgumentParser,
+    UsageError,
+    err_console,
+    info,
+    out_console,
+    run_cli,
+    seed_number,
+    warn,
+)
 
 DEFAULT_PICTURE = "blocks.svg"
 PICTURE_FORMATS = ("svg", "png", "pdf", "dot")
@@ -90,7 +99,7 @@ def build_parser() -> ArgumentParser:
         metavar="N",
         help="measure stream gradient conflicts at each branch point over N batches",
     )
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--seed", type=seed_number, default=0, help="random seed (default: 0)")
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     return parser
 

@@ -646,7 +646,7 @@ def validate_losses(
                 f"loss '{name}' from {where} has shape {shape}, not a scalar: reduce it "
                 f"(e.g. {hint})"
             )
-        if not value.is_floating_point() and not value.is_complex():
+        if not value.is_floating_point():
             raise LossError(
                 f"loss '{name}' from {where} has dtype {value.dtype}: losses must be "
                 "floating-point scalars"

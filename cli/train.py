@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from blockfinder.errors import BlockfinderError
-from cli._console import ArgumentParser, UsageError, err_console, out_console, run_cli
+from cli._console import ArgumentParser, UsageError, err_console, out_console, run_cli, seed_number
 
 PROG = "impartial-train"
 DEFAULT_METHOD = "pcgrad"
@@ -115,7 +115,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument(
         "--weight-decay", type=_number(float, 0, False), metavar="W", help="(default: 0)"
     )
-    parser.add_argument("--seed", type=int, metavar="S", help="random seed (default: 0)")
+    parser.add_argument("--seed", type=seed_number, metavar="S", help="random seed (default: 0)")
     parser.add_argument("--device", type=_device, metavar="auto|cpu|cuda", help="(default: auto)")
     parser.add_argument(
         "--out",

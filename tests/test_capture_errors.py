@@ -83,6 +83,17 @@ def test_non_finite_loss():
     _raises(model, batch, losses, LossError, "loss 'kl' is not finite")
 
 
+def test_complex_loss():
+    model, batch, _ = zoo.make("mvae")
+
+    def losses(m, b):
+        out = dict(m(b))
+        out["kl"] = torch.complex(out["kl"], out["kl"])
+        return out
+
+    _raises(model, batch, losses, LossError, "loss 'kl' has dtype torch.complex64")
+
+
 def test_model_that_cannot_run_on_the_batch():
     model, _, _ = zoo.make("mvae")
     batch = {"image": torch.randn(4, 5), "text": torch.randn(4, 6)}  # wrong image width

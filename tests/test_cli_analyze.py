@@ -85,6 +85,7 @@ def _in_tmp(tmp_path, monkeypatch):
         ),
         ("nonscalar_loss.py", ["loss 'recon'", "shape (4,)", "not a scalar"]),
         ("nonfinite_loss.py", ["loss 'logp'", "not finite"]),
+        ("complex_loss.py", ["loss 'phase'", "complex64", "floating-point"]),
         ("forward_raises.py", ["model(batch)", "RuntimeError", "forward_raises.py:13"]),
     ],
 )
@@ -136,6 +137,26 @@ def test_usage_errors(capsys):
     assert code == 2 and "invalid choice" in error_of(err)
     code, _, err = run(capsys)
     assert code == 2 and "blockfinder analyze MODEL.py" in error_of(err)
+    code, _, err = run(capsys, "analyze", "m.py", "--seed", str(2**64))
+    assert code == 2 and "out of range" in error_of(err)
+
+
+def test_output_paths_that_cannot_be_written_are_one_line(capsys, tmp_path):
+    (tmp_path / "taken").mkdir()
+    model = str(MODELS / "two_heads.py")
+    code, _, err = run(capsys, "analyze", model, "--no-render", "--json", "taken")
+    assert code == 2 and error_of(err).endswith(": taken") and "directory" in error_of(err)
+    (tmp_path / "file").write_text("x")
+    code, _, err = run(capsys, "analyze", model, "-o", "file/blocks.svg")
+    assert code == 2 and "file" in error_of(err)
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_measure_without_trainable_parameters_measures_nothing(capsys):
+    code, out, _ = run(
+        capsys, "analyze", str(MODELS / "frozen.py"), "--measure", "2", "--no-render"
+    )
+    assert code == 0 and "no branch points to measure" in out
 
 
 def test_version_and_help(capsys):
