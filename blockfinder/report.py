@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -105,8 +106,32 @@ class BlockReport:
         return out
 
     def dumps(self, indent: int = 2) -> str:
-        return json.dumps(self.to_json(), indent=indent)
+        """``to_json()`` as strict JSON text: NaN and infinities (e.g. a diagnostic of a stream
+        with a zero gradient) become null, sets become sorted lists."""
+        plain = json.loads(json.dumps(self.to_json(), default=_json_default))
+        return json.dumps(_finite_or_null(plain), indent=indent, allow_nan=False)
 
     def shared_parameters(self) -> Mapping[str, frozenset[str]]:
         """Parameters reached by two or more losses."""
         return {k: v for k, v in self.parameters.items() if len(v) >= 2}
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, frozenset | set):
+        return sorted(obj)
+    if isinstance(obj, tuple):
+        return list(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def _finite_or_null(obj: Any) -> Any:
+    """NaN and infinities become null: strict JSON has no literal for them."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite_or_null(v) for v in obj]
+    return obj

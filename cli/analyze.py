@@ -6,7 +6,6 @@ blockfinder analyze MODEL.py [-o blocks.svg] [--json blocks.json] [--depth N | -
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from collections import defaultdict
@@ -16,6 +15,7 @@ from typing import Any
 
 from blockfinder.atomic import atomic_write
 from blockfinder.errors import BlockfinderError
+from blockfinder.render import FORMATS
 from cli._console import (
     ArgumentParser,
     UsageError,
@@ -28,7 +28,6 @@ from cli._console import (
 )
 
 DEFAULT_PICTURE = "blocks.svg"
-PICTURE_FORMATS = ("svg", "png", "pdf", "dot")
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,7 +108,7 @@ def _picture_path(args: Any) -> Path | None:
         return None
     out = Path(args.output) if args.output else Path(DEFAULT_PICTURE)
     fmt = out.suffix.lower().lstrip(".")
-    if fmt not in PICTURE_FORMATS:
+    if fmt not in FORMATS:
         shown = f"'{out.suffix}'" if out.suffix else "no extension"
         raise UsageError(
             f"cannot write a picture with {shown} ({out}): name the output .svg, .png, .pdf or "
@@ -142,62 +141,12 @@ def _regularizers(args: Any, mf: Any, loss_names: Sequence[str]) -> tuple[str, .
     return tuple(dict.fromkeys(requested))
 
 
-def _analyze_fn():
-    import blockfinder
-
-    fn = getattr(blockfinder, "analyze", None)
-    if fn is not None and not callable(fn):  # the submodule rather than the function
-        fn = getattr(fn, "analyze", None)
-    if fn is None:
-        raise RuntimeError("this installation of blockfinder has no analyze() function")
-    return fn
-
-
 def _measure(mf: Any, model: Any, batch: Any, losses_fn: Any, report: Any, n: int, seed: int):
+    from blockfinder.diagnostics import measure
     from cli.loader import batch_size_of, make_batches
 
     batches = make_batches(mf, n, batch_size=batch_size_of(batch), seed=seed)
-    try:
-        from blockfinder.diagnostics import measure
-
-        return measure(model, batches, losses_fn, report)
-    except ImportError as exc:
-        name = getattr(exc, "name", None) or ""
-        if name.startswith(("blockfinder", "impartial_train")):
-            raise BlockfinderError(
-                f"--measure needs blockfinder.diagnostics and the training engine, which this "
-                f"installation lacks or cannot import ({type(exc).__name__}: {exc}): update "
-                "impartial or run without --measure"
-            ) from exc
-        raise
-
-
-def _json_default(obj: Any) -> Any:
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if isinstance(obj, frozenset | set | tuple):
-        return sorted(obj) if isinstance(obj, frozenset | set) else list(obj)
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
-
-
-def _strict(obj: Any) -> Any:
-    """NaN and infinities become null: strict JSON has no literal for them."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _strict(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_strict(v) for v in obj]
-    return obj
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write ``data`` as strict JSON to ``path`` through a temporary file and a rename."""
-    data = _strict(json.loads(json.dumps(data, default=_json_default)))
-    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
-    atomic_write(path, text)
+    return measure(model, batches, losses_fn, report)
 
 
 def cmd_analyze(args: Any) -> int:
@@ -223,7 +172,8 @@ def cmd_analyze(args: Any) -> int:
         torch.set_num_threads(threads)
     regularizers = _regularizers(args, mf, loss_names)
 
-    analyze = _analyze_fn()
+    from blockfinder import analyze
+
     with err_console().status(f"analysing {mf.name}…"):
         report = analyze(model, batch, losses=losses_fn, regularizers=regularizers)
 
@@ -237,7 +187,7 @@ def cmd_analyze(args: Any) -> int:
 
     written: list[str] = []
     if json_path is not None:
-        write_json_atomic(json_path, report.to_json())
+        atomic_write(json_path, report.dumps() + "\n")
         written.append(f"report: {json_path}")
     if picture is not None:
         if report.graph is None:
@@ -280,10 +230,7 @@ def _shape(shape: Any) -> str:
 
 
 def _param_sizes(model: Any) -> dict[str, int]:
-    try:
-        return {n: p.numel() for n, p in model.named_parameters(remove_duplicate=False)}
-    except TypeError:  # old torch without remove_duplicate
-        return {n: p.numel() for n, p in model.named_parameters()}
+    return {n: p.numel() for n, p in model.named_parameters(remove_duplicate=False)}
 
 
 def print_report(report: Any, model: Any, name: str) -> None:
@@ -293,6 +240,7 @@ def print_report(report: Any, model: Any, name: str) -> None:
     con = out_console()
     order = list(report.losses)
     regs = set(report.regularizers)
+    sizes = _param_sizes(model)
 
     con.print(Text(f"blockfinder: {name}", style="bold"), soft_wrap=True)
     losses = Table(title="losses", title_justify="left", show_edge=False, pad_edge=False)
@@ -339,7 +287,6 @@ def print_report(report: Any, model: Any, name: str) -> None:
                 soft_wrap=True,
             )
     else:
-        sizes = _param_sizes(model)
         blocks = Table(title="impartiality blocks", title_justify="left")
         blocks.add_column("block", justify="right")
         blocks.add_column("losses met")
@@ -383,7 +330,6 @@ def print_report(report: Any, model: Any, name: str) -> None:
 
     shared = report.shared_parameters()
     if shared:
-        sizes = _param_sizes(model)
         groups: dict[tuple[str, tuple[str, ...]], list[str]] = defaultdict(list)
         for pname, reach in shared.items():
             module = pname.rpartition(".")[0] or "(top level)"
@@ -404,22 +350,6 @@ def print_report(report: Any, model: Any, name: str) -> None:
 
     if report.diagnostics:
         print_diagnostics(report, con)
-
-
-def _cosine_stats(cos: Any) -> tuple[float | None, float | None]:
-    try:
-        rows = [[float(x) for x in row] for row in cos]
-    except (TypeError, ValueError):
-        return None, None
-    off = [
-        rows[i][j]
-        for i in range(len(rows))
-        for j in range(len(rows[i]))
-        if i < j and math.isfinite(rows[i][j])
-    ]
-    if not off:
-        return None, None
-    return sum(off) / len(off), min(off)
 
 
 def _num(v: Any, fmt: str = "{:.3f}") -> str:
@@ -449,11 +379,7 @@ def print_diagnostics(report: Any, con: Any = None) -> None:
     table.add_column("conflict share", justify="right")
     rows = diag.get("branch_points") or []
     for row in rows:
-        mean, low = _cosine_stats(row.get("cosine") or [])
-        if row.get("mean_cosine") is not None:
-            mean = float(row["mean_cosine"])
-        if row.get("min_cosine") is not None:
-            low = float(row["min_cosine"])
+        mean, low = row.get("mean_cosine"), row.get("min_cosine")
         low_text = Text(_num(low)) if low is not None else Text("-")
         if low is not None and low < 0:
             low_text.stylize("red")

@@ -96,6 +96,11 @@ EXPECTED: dict[str, tuple[frozenset[str], list[tuple[str, str, list[list[str]]]]
 }
 
 SLOW_EXPORT = {"mopoe", "mmvae", "heterogeneous_vae"}
+# (case, capture) -> how many differences from the autograd graph reconcile reports
+KNOWN_DIFFERENCES: dict[tuple[str, str], int] = {
+    # its backward returns None for log_coeff, which the traced graph still links to a loss
+    ("custom_function", "fx"): 1,
+}
 
 
 def _key(report):
@@ -142,6 +147,11 @@ def test_branch_points_and_parameters(name, capture):
         assert firsts == sorted(firsts)
         assert bp.shape is not None
     assert report.parameters == zoo.autograd_reach(model, batch, case.losses)
+    # the parameters come from autograd whatever the capture: what tests the structural capture
+    # is that it agrees with autograd edge for edge (reconcile lists every disagreement)
+    assert len(report.differences) == KNOWN_DIFFERENCES.get((name, report.capture), 0), (
+        report.differences
+    )
     assert set(report.regularizers) <= set(report.losses)
     if capture in ("export", "draft_export") and capture in handled:
         assert any("input shapes specialised" in s for s in report.specializations)

@@ -282,7 +282,7 @@ def test_parameter_and_cloned_branch_points_are_rewritten(case):
     (program,) = next(iter(imodel._programs.values()))
     assert "branch" in program.module.code
     assert program.clones > 0  # the posteriors, used by several streams, are cloned per stream
-    kinds = {key[0] for key in imodel._methods}
+    kinds = {key.split(":")[0] for key in imodel.methods_state_dict()}
     if case == "mmvae_split":
         assert "AccumulateGrad" in kinds  # decoder weights shared by several streams
 
@@ -309,23 +309,6 @@ def test_losses_callable_with_stateless_loss_modules():
     graph, _, got = run("side_paths", "graph", losses=losses_with_loss_modules)
     assert ran_program(graph)
     assert_same(want, got)
-
-
-@pytest.mark.parametrize("case", list(CASES))
-def test_sum_is_exactly_plain_backward(case):
-    _, _, got = run(case, "graph", "sum")
-    build, make_batch = CASES[case]
-    torch.manual_seed(0)
-    model, batch = build(), make_batch()
-    for k, (losses, grads) in enumerate(got):
-        torch.manual_seed(100 + k)
-        out = model(batch)
-        model.zero_grad(set_to_none=True)
-        sum(out.values()).backward()
-        for name, p in model.named_parameters():
-            assert torch.equal(p.grad, grads[name]), name
-        for name in out:
-            assert torch.equal(out[name].detach(), losses[name])
 
 
 @pytest.mark.parametrize("case", ["tabular", "mmvae", "poe"])

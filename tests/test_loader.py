@@ -308,8 +308,6 @@ def test_package_name_clashing_with_an_imported_module(tmp_path):
 
 def test_examples_are_imported_as_package_modules():
     path = Path(__file__).resolve().parent.parent / "examples" / "tabular_vae.py"
-    if not path.exists():
-        pytest.skip("examples/tabular_vae.py not written yet")
     mf = load_model_file(path)
     assert mf.module.__name__ == "examples.tabular_vae"
 

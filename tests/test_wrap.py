@@ -174,6 +174,11 @@ def test_gradnorm_weights_are_separate_learnable_parameters():
     state = imodel.methods_state_dict()
     fresh = it.wrap(model, x, method="gradnorm")
     fresh.load_methods_state_dict(state)
+    loaded = fresh.methods_state_dict()
+    assert loaded.keys() == state.keys()
+    for key, value in state.items():
+        for name, tensor in value.items():
+            torch.testing.assert_close(loaded[key][name], tensor)
     out = fresh(x)
     sum(out.values()).backward()
     for key, value in fresh.methods_state_dict().items():
@@ -223,6 +228,7 @@ def test_graddrop_trains_with_the_activation_sign():
         model.zero_grad()
         out = imodel(x)
         sum(out.values()).backward()
+    assert imodel.last_engine == "graph"  # the engine that gives GradDrop the activation
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
