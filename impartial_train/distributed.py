@@ -206,7 +206,7 @@ class DistributedHookEngine(HookEngine):
                 stash[i] = torch.zeros_like(ref)
             if nonfinite[i]:  # non-finite on some rank: the whole row is, drop it everywhere
                 stash[i] = torch.full_like(ref, float("nan"))
-        if getattr(run.point.node, "variable", None) is None:  # activation: reduce the Gramian
+        if not run.parameter:  # activation: reduce the Gramian
             return super()._combine(run)
         # parameter branch point: average the rows themselves, then combine locally
         rows = [i for i in range(count) if present[i] and not nonfinite[i]]

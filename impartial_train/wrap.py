@@ -16,7 +16,14 @@ from blockfinder.errors import BlockfinderError
 from blockfinder.losses import LossesFn, call_losses, check_losses, default_losses
 from blockfinder.report import BlockReport
 from impartial_train.engine.graph import GraphEngine, GraphProgram, GraphUnavailable
-from impartial_train.engine.hooks import HookEngine, SurgeryPoint, plan_surgery, point_keys
+from impartial_train.engine.hooks import (
+    HookEngine,
+    SurgeryPoint,
+    plan_surgery,
+    point_keys,
+    point_label,
+    stream_losses,
+)
 from impartial_train.engine.stats import PointStats
 from impartial_train.methods import Aggregator, build
 
@@ -94,7 +101,9 @@ class ImpartialModel:
     :class:`GraphUnavailable` where it cannot); ``"auto"`` uses the graph engine where it can be
     built and the hook engine otherwise. ``engine_notes`` says which engine each input structure
     got and why; ``last_engine`` which engine ran the last call. Both engines give the same
-    gradients, method state and statistics.
+    gradients, method state and statistics, except for GradDrop: only the graph engine has the
+    forward value at a branch point, so under the hook engine (and on the first step of each
+    input structure, which plans through hooks) GradDrop runs with sign(activation) = 1.
     """
 
     def __init__(
@@ -324,9 +333,10 @@ class ImpartialModel:
         losses: Mapping[str, torch.Tensor],
         origin: Mapping[Any, Any],
         points: list[SurgeryPoint] | None = None,
-    ) -> tuple[list[Aggregator], list[PointStats], list[torch.Tensor]]:
+    ) -> tuple[list[Aggregator], list[PointStats], list[torch.Tensor | None]]:
         """Plan (unless ``points`` are given) and install the hook engine on this step's graph.
-        Returns each point's method, statistics and loss mask (streams x losses)."""
+        Returns each point's method, statistics and loss mask (streams x losses; None where the
+        method does not read the losses)."""
         names = list(losses)
         if points is None:
             tasks = [n for n in names if n not in self.regularizers]
@@ -337,7 +347,6 @@ class ImpartialModel:
         methods, stats, masks_of = [], [], []
         for point, key in zip(points, point_keys(points, names)):
             streams = key[2]
-            point.key = key
             if key not in self._methods:
                 method = build(self.method_spec, **self.method_args)
                 if method is self.method_spec:
@@ -348,31 +357,26 @@ class ImpartialModel:
                     method.load_state_dict(self._pending_state.pop(self._key_name(key)))
                 self._methods[key] = method
             if key not in self._labels:
-                func, module = origin.get(point.node, (None, ""))
-                func = func or type(point.node).__name__
-                self._labels[key] = f"bp{len(self._labels)}:{func}@{module or '<top>'}"
+                self._labels[key] = f"bp{len(self._labels)}:{point_label(point, origin)}"
             stat = self._stats.get(key)
             if stat is None:
                 stat = PointStats(where=self._labels[key], streams=[list(s) for s in streams])
                 self._stats[key] = stat
-            methods.append(self._methods[key])
+            method = self._methods[key]
+            methods.append(method)
             stats.append(stat)
+            # only methods that read them get the stream losses
             masks_of.append(
                 torch.tensor(
                     [[b >> i & 1 for i in range(len(names))] for b in point.streams],
                     dtype=losses[names[0]].dtype,
                     device=losses[names[0]].device,
                 )
+                if getattr(method, "uses_losses", True)
+                else None
             )
-        # Only methods that read them get the stream losses (a few tensor operations a step).
-        needs = [getattr(m, "uses_losses", True) for m in methods]
-        values = (
-            torch.stack([losses[n].detach().reshape(()) for n in names]) if any(needs) else None
-        )
-        stream_losses = [
-            masks.to(values.dtype) @ values if use else None for masks, use in zip(masks_of, needs)
-        ]
-        self.engine.install(points, methods, stats, stream_losses)
+        losses_of = stream_losses(losses, names, masks_of)
+        self.engine.install(points, methods, stats, losses_of)
         return methods, stats, masks_of
 
 

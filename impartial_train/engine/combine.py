@@ -67,7 +67,9 @@ def combine_streams(
         present = keep
     if gramian_hook is not None:
         gramian = gramian_hook(gramian)
-    stream_losses = losses[present] if losses is not None else None
+    stream_losses = losses
+    if losses is not None and len(present) < len(stash):
+        stream_losses = losses[present]
     if len(present) == 1:
         gradient, weights = None, torch.ones(1, dtype=torch.float64, device=work.device)
     elif type(method).forward in _WEIGHTS_ONLY:
@@ -91,7 +93,7 @@ def combine_streams(
         # (current2 <= 0 is never significant, so its quotient is never selected)
         significant = current2 > (_STATIONARY * _STATIONARY) * target2
         scale = torch.where(significant, (target2 / current2).sqrt(), 1.0)
-        stats.scale = scale
+        stats.scale = scale.detach() if scale.requires_grad else scale
         if gradient is None:
             applied = weights * scale
         else:

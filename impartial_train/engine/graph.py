@@ -47,7 +47,7 @@ from blockfinder.fx_capture import (
 )
 from blockfinder.losses import LossesFn, check_losses
 from impartial_train.engine.combine import combine_streams
-from impartial_train.engine.hooks import SurgeryPoint, plan_surgery
+from impartial_train.engine.hooks import SurgeryPoint, plan_surgery, point_label, stream_losses
 from impartial_train.engine.stats import PointStats
 
 
@@ -344,6 +344,11 @@ def _collect_guards(model: nn.Module, losses_fn: Any, graph: fx.Graph, objects: 
 # Tracing without side effects
 
 
+def _cuda_devices(model: nn.Module) -> list[int]:
+    """The CUDA devices holding the model's parameters (whose RNG a traced step may consume)."""
+    return sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
+
+
 def _rng_state(devices: Sequence[int]) -> tuple:
     numpy = sys.modules.get("numpy")
     return (
@@ -416,7 +421,7 @@ def trace_program(
     flat = flatten_batch(batch)
     harness = Harness(model, losses_fn, flat)
     tracer = GraphTracer(model)
-    devices = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
+    devices = _cuda_devices(model)
     changes: list[str] = []
     before = _rng_state(devices)
     try:
@@ -833,13 +838,12 @@ class GraphProgram:
     leaves: dict[str, str] = field(default_factory=dict)
     methods: list[nn.Module] = field(default_factory=list)
     stats: list[PointStats] = field(default_factory=list)
-    masks: list[torch.Tensor] = field(default_factory=list)
-    needs_losses: list[bool] = field(default_factory=list)
+    masks: list[torch.Tensor | None] = field(default_factory=list)
 
     def bind(self, methods: Sequence[nn.Module], stats: Sequence[PointStats], masks) -> None:
-        """The method, statistics and loss masks (streams x losses) of each branch point."""
+        """The method, statistics and loss masks (streams x losses; None: the method does not
+        read the losses) of each branch point."""
         self.methods, self.stats, self.masks = list(methods), list(stats), list(masks)
-        self.needs_losses = [getattr(m, "uses_losses", True) for m in self.methods]
 
     def describe(self) -> str:
         if self.module is None:
@@ -865,11 +869,6 @@ class Planned:
     reason: str | None = None
 
 
-def _label_of(point: SurgeryPoint, origin: Mapping[Any, tuple[str, str]]) -> str:
-    func, module = origin.get(point.node, (None, ""))
-    return f"{func or type(point.node).__name__}@{module or '<top>'}"
-
-
 class GraphEngine:
     """Builds and runs rewritten programs; see the module docstring."""
 
@@ -890,7 +889,7 @@ class GraphEngine:
         where = _Where(modules)
         replay = PlanReplay(harness, graph, where)
         replay.leaves = leaves
-        devices = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
+        devices = _cuda_devices(model)
         state = _rng_state(devices)
         buffers = [(b, b.detach().clone()) for b in model.buffers()]
         recorder = OpRecorder(where)  # type: ignore[arg-type]
@@ -933,7 +932,7 @@ class GraphEngine:
                     "a value that requires grad is changed in place and then used: "
                     f"{replay.mutated[0]}"
                 )
-            maps = [_map_point(p, replay, reach, _label_of(p, recorder.origin)) for p in points]
+            maps = [_map_point(p, replay, reach, point_label(p, recorder.origin)) for p in points]
             clones = rewrite(graph, replay, maps, [len(p.streams) for p in points])
             _flatten_module_targets(graph, objects)
             graph.lint()
@@ -960,14 +959,7 @@ class GraphEngine:
         assert program.module is not None
         with torch.enable_grad():
             out = program.module(*tensors, step)
-        if any(program.needs_losses):
-            values = torch.stack([out[n].detach().reshape(()) for n in program.names])
-            for i, mask in enumerate(program.masks):
-                if not program.needs_losses[i]:
-                    continue
-                if mask.device != values.device or mask.dtype != values.dtype:
-                    mask = program.masks[i] = mask.to(values.device, values.dtype)
-                step.losses[i] = mask @ values
+        step.losses = stream_losses(out, program.names, program.masks)
         return out
 
 

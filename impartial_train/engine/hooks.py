@@ -40,8 +40,24 @@ class SurgeryPoint:
     streams: list[int]
     consumers: list[tuple[Any, list[int], int]]
     split_consumers: list[tuple[Any, list[int], dict[int, list[int]]]]
-    key: tuple = ()
-    label: str = ""
+
+
+def stream_losses(
+    losses: Mapping[str, torch.Tensor], names: Sequence[str], masks: Sequence[torch.Tensor | None]
+) -> list[torch.Tensor | None]:
+    """Per branch point, the (S,) losses of its streams: ``masks[i]`` (streams x losses, 0/1) is
+    None where the point's method does not read them (``uses_losses``), and nothing is computed
+    when no method does (this runs every step)."""
+    if all(mask is None for mask in masks):
+        return [None] * len(masks)
+    values = torch.stack([losses[n].detach().reshape(()) for n in names])
+    return [None if m is None else m.to(values.device, values.dtype) @ values for m in masks]
+
+
+def point_label(point: SurgeryPoint, origin: Mapping[Any, tuple[str, str]]) -> str:
+    """``function@module`` of the point's value, from the op origins recorded in the forward."""
+    func, module = origin.get(point.node, (None, ""))
+    return f"{func or type(point.node).__name__}@{module or '<top>'}"
 
 
 def point_keys(points: Sequence[SurgeryPoint], names: Sequence[str]) -> list[tuple]:
@@ -185,15 +201,23 @@ def _plan_point(value, walked, value_reach, node_reach, task_mask) -> SurgeryPoi
 
 @dataclass
 class _PointRun:
-    """The state of one branch point during one backward pass."""
+    """The state of one branch point during one backward pass.
 
-    point: SurgeryPoint
+    The hooks on the autograd graph hold it, so it must not hold the graph's nodes (through the
+    ``SurgeryPoint``): the graph and its hooks would keep each other alive after the step, out
+    of reach of Python's garbage collector. ``index`` is the point's output slot of its node,
+    ``parameter`` whether the node accumulates into a parameter.
+    """
+
+    index: int
+    parameter: bool
     method: torch.nn.Module
     stats: PointStats
     losses: torch.Tensor | None
     stash: list[torch.Tensor | None] = field(default_factory=list)
     bypass: torch.Tensor | None = None
-    emitted_zero: bool = False
+    # the zero-strided gradient sent to the point's node in place of the first stream's
+    placeholder: torch.Tensor | None = None
 
 
 class HookEngine:
@@ -212,14 +236,20 @@ class HookEngine:
         stream_losses: Sequence[torch.Tensor | None],
     ) -> None:
         runs = [
-            _PointRun(point=p, method=m, stats=s, losses=lo, stash=[None] * len(p.streams))
+            _PointRun(
+                index=p.index,
+                parameter=getattr(p.node, "variable", None) is not None,
+                method=m,
+                stats=s,
+                losses=lo,
+                stash=[None] * len(p.streams),
+            )
             for p, m, s, lo in zip(points, methods, stats, stream_losses)
         ]
         post: dict[Any, list[tuple[int, _PointRun, int | None]]] = {}
         pre_split: dict[Any, list[tuple[list[int], _PointRun, dict[int, list[int]]]]] = {}
         targets: dict[Any, list[_PointRun]] = {}
-        for run in runs:
-            point = run.point
+        for run, point in zip(runs, points):
             targets.setdefault(point.node, []).append(run)
             for consumer, slots, stream in point.consumers:
                 for slot in slots:
@@ -241,15 +271,21 @@ class HookEngine:
             changed = False
             for run in runs:
                 combined = self._combine(run)
-                if combined is None:
+                # this backward is over for the point: a later one (retain_graph) starts afresh
+                bypass, placeholder = run.bypass, run.placeholder
+                run.bypass = run.placeholder = None
+                if combined is None and bypass is None:
                     continue
-                index = run.point.index
-                current = grads[index]
-                combined = combined.reshape(current.shape).to(current.dtype)
-                if run.bypass is not None:
-                    combined = combined + run.bypass.reshape(current.shape)
-                # current holds the regularizer streams (plus the zero placeholder)
-                grads[index] = current + combined
+                current = grads[run.index]
+                # current holds the regularizer streams (plus the placeholder; just the
+                # placeholder when no regularizer reaches the point), bypass the
+                # regularizer-only parts of split consumers: neither goes through the method
+                total = None if current is placeholder else current
+                for part in (combined, bypass):
+                    if part is not None:
+                        part = part.reshape(current.shape).to(current.dtype)
+                        total = part if total is None else total + part
+                grads[run.index] = total
                 changed = True
             return tuple(grads) if changed else None
 
@@ -272,13 +308,12 @@ def _consumer_hook(entries: list[tuple[int, _PointRun, int | None]]):
             if stream is not None:
                 previous = run.stash[stream]
                 run.stash[stream] = grad if previous is None else previous + grad
-            if run.emitted_zero:
+            if run.placeholder is not None:
                 grads[slot] = None
             else:
                 # The engine must still see a defined gradient for the target; a zero-strided
                 # placeholder costs no memory and is replaced in the target's pre-hook.
-                grads[slot] = grad.new_zeros(()).expand_as(grad)
-                run.emitted_zero = True
+                grads[slot] = run.placeholder = grad.new_zeros(()).expand_as(grad)
         return tuple(grads)
 
     return hook
