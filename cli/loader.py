@@ -468,9 +468,10 @@ def _first_batch(mf: ModelFile, ds: Any, batch_size: int, *, shuffle: bool = Fal
         ) from exc
 
 
-def call_example_batch(mf: ModelFile):
+def call_example_batch(mf: ModelFile, dataset: Any = None):
     """One batch: ``example_batch()``, or else the first ``min(len, 32)`` items of
-    ``train_dataset()`` collated with ``default_collate``."""
+    ``train_dataset()`` (``dataset`` when the caller has built it already) collated with
+    ``default_collate``."""
     if mf.example_batch is not None:
         try:
             batch = mf.example_batch()
@@ -486,7 +487,7 @@ def call_example_batch(mf: ModelFile):
                 "losses (a tensor, or a dict/tuple of tensors)"
             )
         return batch
-    ds = call_train_dataset(mf)
+    ds = dataset if dataset is not None else call_train_dataset(mf)
     if ds is None:  # load_model_file guarantees one of the two; keep the message anyway
         raise ModelFileError(
             f"{mf.name} defines neither example_batch() nor train_dataset(): add "

@@ -314,17 +314,6 @@ def resolve_options(args: argparse.Namespace, model_path: Path) -> tuple[dict[st
 # preparing a run (parent process and data-parallel workers alike)
 
 
-def _seed(seed: int) -> None:
-    import random
-
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def _regularizers(requested: list[str] | None, mf: Any, loss_names: Sequence[str]) -> list[str]:
     if requested:
         source = "--regularizer"
@@ -407,18 +396,21 @@ def build_run(
         call_val_dataset,
         make_losses_fn,
     )
+    from impartial_train.data import seed_all
     from impartial_train.trainer import Trainer, to_device
 
     seed = int(options["seed"])
-    _seed(seed)
+    seed_all(seed)
     model = call_build_model(mf)
     train_ds = call_train_dataset(mf)
     val_ds = call_val_dataset(mf)
-    losses_fn = make_losses_fn(mf)
+    # finiteness on the first call only: the Trainer watches the epoch means, and a check per
+    # step would synchronise with the device every step
+    losses_fn = make_losses_fn(mf, check_finite="first")
     if probe or regularizers is None:
         # one forward on the example batch: loss names (regularizers) and early one-line errors;
         # the model's state (e.g. BatchNorm statistics) is put back afterwards
-        batch = to_device(call_example_batch(mf), device)
+        batch = to_device(call_example_batch(mf, train_ds), device)
         model.to(device)
         model.train()
         saved = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -41,7 +41,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -133,6 +133,30 @@ def versions() -> dict[str, str]:
     if torch.version.cuda:
         out["cuda"] = str(torch.version.cuda)
     return out
+
+
+def _batches(iterator: Iterator[Any], split: str) -> Iterator[Any]:
+    """The loader's batches; an error while loading one is the data's, said in one line.
+
+    Takes the loader's iterator, not the loader, so that the iterator is created (and the
+    loader's generator drawn from) exactly where the caller creates it.
+    """
+    index = 0
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except Exception as exc:
+            raise TrainingError(
+                f"loading batch {index + 1} of the {split} data raised {type(exc).__name__}: {exc}"
+            ) from exc
+        index += 1
+        yield batch
+
+
+def _lower(name: Any) -> Any:
+    return name.lower() if isinstance(name, str) else name
 
 
 def _describe_method(method: Any) -> str:
@@ -380,6 +404,13 @@ class Trainer:
                 f"the checkpoint's optimizer state does not fit this optimizer ({exc}): resume "
                 "with the same --optimizer and method"
             ) from exc
+        # the loaded groups carry the first run's hyper-parameters; this run's are the ones asked
+        # for (and recorded in config.json), e.g. a lower --lr to fine-tune from a checkpoint
+        for group in self.optimizer.param_groups:
+            if group.get("name") == "model":
+                group["lr"], group["weight_decay"] = self.lr, self.weight_decay
+            elif group.get("name") == "methods":
+                group["lr"] = self.method_lr if self.method_lr is not None else self.lr
         self._pending_optimizer = None
 
     def _all_reduce(self, values: Sequence[float]) -> list[float]:
@@ -486,7 +517,7 @@ class Trainer:
             total_steps: int | None = len(loader)
         except TypeError:
             total_steps = None
-        iterator = iter(loader)
+        iterator = _batches(iter(loader), "training")
         for _ in range(skip):
             try:
                 next(iterator)
@@ -575,7 +606,7 @@ class Trainer:
             if val_loader is not None:
                 state = EpochState()
                 with torch.no_grad():
-                    for batch in val_loader:
+                    for batch in _batches(iter(val_loader), "validation"):
                         batch = to_device(batch, self.device)
                         losses = self.losses_fn(self.model, batch)
                         state.add_losses(losses, batch_size_of(batch))
@@ -693,6 +724,7 @@ class Trainer:
             "method_args": json.loads(json.dumps(self.method_args, default=str)),
             "regularizers": list(self.regularizers),
             "seed": self.seed,
+            "optimizer_name": self.optimizer_name,
             "batch_size": self.batch_size,
             "train_examples": dataset_len(self._train_loader),
             "model_signature": model_signature(self.model),
@@ -736,6 +768,22 @@ class Trainer:
                 f"the checkpoint {where} was trained with method '{ckpt.get('method')}', not "
                 f"'{method}': resume with --method {ckpt.get('method')} or use another --out"
             )
+        for what, saved, mine, flag in (
+            (
+                "optimizer",
+                _lower(ckpt.get("optimizer_name")),
+                _lower(self.optimizer_name),
+                "--optimizer",
+            ),
+            ("seed", ckpt.get("seed"), self.seed, "--seed"),
+            ("regularizers", ckpt.get("regularizers"), list(self.regularizers), "--regularizer"),
+        ):
+            if saved is not None and saved != mine:
+                shown = ",".join(saved) if isinstance(saved, list) else saved
+                raise ResumeError(
+                    f"the checkpoint {where} was trained with {what} {saved!r}, not {mine!r}: "
+                    f"resume with {flag} {shown} or use another --out"
+                )
         saved_args = ckpt.get("method_args") or {}
         mine = json.loads(json.dumps(self.method_args, default=str))
         if saved_args != mine:
@@ -865,13 +913,8 @@ class Trainer:
 
     def _finish(self, seconds: float) -> None:
         self._close_tensorboard()
-        if self.out is not None and self.history and self.plots:
-            from impartial_train.plots import plot_curves
-
-            try:
-                plot_curves(self.history, self.out / CURVES)
-            except ImportError:
-                self._print("matplotlib is not installed: curves.png not written")
+        if not self.write_curves():
+            self._print("matplotlib is not installed: curves.png not written")
         if self.summary and self.history:
             from impartial_train.plots import summary_tables
 
@@ -879,14 +922,18 @@ class Trainer:
             for table in summary_tables(self.history, seconds, self.out):
                 console.print(table)
 
-    def write_curves(self) -> None:
-        """(Re)write ``curves.png`` from the history (e.g. after an interruption)."""
+    def write_curves(self) -> bool:
+        """(Re)write ``curves.png`` from the history (e.g. after an interruption); False when
+        matplotlib is missing."""
         if self.out is None or not self.history or not self.is_main or not self.plots:
-            return
+            return True
         from impartial_train.plots import plot_curves
 
-        with contextlib.suppress(ImportError):
+        try:
             plot_curves(self.history, self.out / CURVES)
+        except ImportError:
+            return False
+        return True
 
     # console -----------------------------------------------------------------------------------
     def _get_console(self):

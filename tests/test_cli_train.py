@@ -240,6 +240,8 @@ def error_of(capsys, argv):
         ([TINY, "--method", "pcgrad", "--method-arg", "foo=1"], "bad --method-arg"),
         ([TINY, "--method-arg", "alpha"], "--method-arg expects KEY=VALUE"),
         ([TINY, "--method", "gradnorm", "--method-arg", "alpha=x"], "bad --method-arg"),
+        ([TINY, "--method", "rlw", "--method-arg", "seed=abc"], "seed must be an integer"),
+        ([TINY, "--seed", "1e30"], "invalid seed"),
         ([TINY, "--regularizer", "nope"], "unknown regularizer 'nope'"),
         ([TINY, "--compare", "sum,pcgrad", "--method", "sum"], "exclude each other"),
         ([TINY, "--compare", "sum,nope"], "unknown aggregation method 'nope'"),

@@ -15,6 +15,7 @@ from cli.loader import (
     batch_size_of,
     call_build_model,
     call_example_batch,
+    call_train_dataset,
     load_model_file,
     make_batches,
     make_losses_fn,
@@ -200,6 +201,14 @@ def test_example_batch_from_train_dataset():
     assert len(many) == 5
     two = make_batches(load_model_file(MODELS / "two_heads.py"), 2)
     assert len(two) == 2 and torch.equal(two[0], two[1])  # example_batch repeated
+
+
+def test_example_batch_from_a_dataset_already_built(monkeypatch):
+    mf = load_model_file(MODELS / "dataset_only.py")
+    ds = call_train_dataset(mf)
+    monkeypatch.setattr(mf, "train_dataset", None)  # must not be called again
+    x, _ = call_example_batch(mf, ds)
+    assert torch.equal(x, torch.stack([ds[i][0] for i in range(32)]))
 
 
 def test_example_batch_errors(tmp_path):

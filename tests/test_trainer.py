@@ -216,6 +216,44 @@ def test_resume_errors(tmp_path):
         trainer("pcgrad").fit(dataset(30), epochs=2, out=tmp_path, resume=True)
 
 
+def test_resume_refuses_another_optimizer_seed_or_regularizers(tmp_path):
+    trainer("pcgrad").fit(dataset(), epochs=1, out=tmp_path)
+    config = (tmp_path / "config.json").read_text()
+    with pytest.raises(ResumeError, match=r"optimizer 'adam', not 'sgd'.*--optimizer adam"):
+        trainer("pcgrad", optimizer="sgd").fit(dataset(), epochs=2, out=tmp_path, resume=True)
+    with pytest.raises(ResumeError, match=r"seed 0, not 5.*--seed 0"):
+        trainer("pcgrad", seed=5).fit(dataset(), epochs=2, out=tmp_path, resume=True)
+    torch.manual_seed(0)
+    other = Trainer(Noisy(), method="pcgrad", regularizers=[], batch_size=8, plots=False)
+    with pytest.raises(ResumeError, match=r"regularizers \['kl'\], not \[\].*--regularizer kl"):
+        other.fit(dataset(), epochs=2, out=tmp_path, resume=True)
+    assert (tmp_path / "config.json").read_text() == config  # a refused resume writes nothing
+    trainer("pcgrad").fit(dataset(), epochs=2, out=tmp_path, resume=True)
+
+
+def test_resume_uses_this_runs_learning_rate_and_weight_decay(tmp_path):
+    trainer("gradnorm").fit(dataset(), epochs=1, out=tmp_path)
+    t = trainer("gradnorm", lr=0.5, weight_decay=0.1, method_lr=0.25)
+    t.fit(dataset(), epochs=2, out=tmp_path, resume=True)
+    groups = {g["name"]: g for g in t.optimizer.param_groups}
+    assert (groups["model"]["lr"], groups["model"]["weight_decay"]) == (0.5, 0.1)
+    assert groups["methods"]["lr"] == 0.25
+
+
+def test_a_batch_that_fails_to_load_is_a_training_error():
+    class Ragged(torch.utils.data.Dataset):
+        def __len__(self):
+            return 40
+
+        def __getitem__(self, i):
+            return (torch.randn(6 if i < 20 else 7),)
+
+    with pytest.raises(TrainingError, match=r"loading batch \d+ of the training data raised"):
+        trainer("pcgrad").fit(Ragged(), epochs=1)
+    with pytest.raises(TrainingError, match=r"loading batch 3 of the validation data raised"):
+        trainer("pcgrad").fit(dataset(), epochs=1, val=Ragged())
+
+
 def test_cuda_unavailable_is_a_clear_error():
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")

@@ -241,6 +241,11 @@ class RandomMixin:
     """A seedable torch.Generator per device; its state travels in the state dict (extra state)."""
 
     def _init_random(self, seed: int | None) -> None:
+        if seed is not None and not isinstance(seed, int):
+            try:
+                seed = int(seed)
+            except (TypeError, ValueError):
+                raise ValueError(f"seed must be an integer or None; got {seed!r}") from None
         self.seed = seed
         self._generators: dict[str, torch.Generator] = {}
 
@@ -252,7 +257,7 @@ class RandomMixin:
             if self.seed is None:
                 gen.seed()
             else:
-                gen.manual_seed(int(self.seed))
+                gen.manual_seed(self.seed)
             self._generators[key] = gen
         return gen
 
