@@ -184,6 +184,34 @@ def test_unknown_option_is_named():
         build("mgda", normalization="l3")
 
 
+def test_bad_option_values_are_value_errors():
+    with pytest.raises(ValueError, match="it takes: no options"):
+        build("sum", alpha=1.0)
+    with pytest.raises(ValueError, match="it takes: no options"):
+        build("imtl-g", kwargs=1)  # not an option, though nn.Module.__init__ takes **kwargs
+    with pytest.raises(ValueError, match="leak must be a number"):
+        build("graddrop", leak="0.1,0.2")
+    for name in ("upgrad", "dualproj"):
+        with pytest.raises(ValueError, match="reg must be >= 0"):
+            build(name, reg=-1.0)
+        with pytest.raises(ValueError, match="iters must be >= 1"):
+            build(name, iters=0)
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        build("pcgrad", seed="abc")
+
+
+def test_composition_keeps_half_precision_rows_finite():
+    # NSGD scales a row 1e6 times smaller than the others by ~1e5 and more: beyond float16
+    j = randn(3, 6, 9)
+    j[0] *= 1e-6
+    j = j.half()
+    # (leak 1 keeps every row: the result is the sum of the scaled rows, no random drop)
+    out = make("nsgd+graddrop", seed=0, leak=1.0)(j)
+    ref = make("nsgd+graddrop", seed=0, leak=1.0)(j.float())
+    assert out.gradient.dtype == torch.float16 and torch.isfinite(out.gradient).all()
+    torch.testing.assert_close(out.gradient.float(), ref.gradient, rtol=1e-2, atol=1e-2)
+
+
 def test_options_go_to_the_methods_that_take_them():
     agg = build("gradnorm+pcgrad", alpha=0.5, seed=3, num_streams=3)
     assert isinstance(agg, Compose)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -217,13 +218,15 @@ class LazyStateMixin:
         else:
             setattr(self, attr, value.to(dtype=current.dtype))
 
-    def _state_fits(self, attr: str, num_streams: int) -> bool:
-        """Whether the state ``attr`` is sized for ``num_streams`` streams (materialising it when
-        still empty). When S changed (e.g. the engine dropped a non-finite stream), the state is
-        left untouched and the caller runs this step statelessly; a warning is given once."""
+    def _state_fits(self, attr: str, num_streams: int, initial: Callable[[], Tensor]) -> bool:
+        """Whether the state ``attr`` is sized for ``num_streams`` streams; still empty, it is
+        materialised as ``initial()`` first. When S changed (e.g. the engine dropped a non-finite
+        stream), the state is left untouched and the caller runs this step statelessly; a
+        warning is given once."""
         current: Tensor = getattr(self, attr)
         if current.numel() == 0:
-            return False
+            self._materialise(attr, initial())
+            return True
         if current.shape[0] == num_streams:
             return True
         if not getattr(self, "_warned_size", False):

@@ -54,8 +54,11 @@ def available() -> list[str]:
 
 
 def _options(cls: type[Aggregator]) -> list[str]:
-    params = inspect.signature(cls.__init__).parameters
-    return [p for p in params if p != "self"]
+    """The named options of ``cls`` (a class without its own ``__init__`` has none: the
+    ``*args, **kwargs`` of ``nn.Module.__init__`` are not options)."""
+    params = inspect.signature(cls.__init__).parameters.values()
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in params if p.name != "self" and p.kind in named]
 
 
 def _lookup(part: str, spec: str) -> type[Aggregator]:

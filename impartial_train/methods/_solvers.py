@@ -30,7 +30,7 @@ def row_norms(gramian: Tensor) -> Tensor:
     return gramian.diagonal(dim1=-2, dim2=-1).clamp_min(0.0).sqrt()
 
 
-def cosine_matrix(gramian: Tensor, norms: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def cosine_matrix(gramian: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Cosine matrix U U^T of the unit rows, the row norms, and the mask of non-zero rows.
 
     ``gramian``: one symmetric S x S matrix. A zero row gets the unit vector ``e_i`` (cosine 1
@@ -39,7 +39,7 @@ def cosine_matrix(gramian: Tensor, norms: Tensor | None = None) -> tuple[Tensor,
     insensitive to per-row scales (1e-12 next to 1e12). The result is exactly symmetric with an
     exact unit diagonal.
     """
-    n = row_norms(gramian) if norms is None else norms
+    n = row_norms(gramian)
     nonzero = n > 0
     inv = torch.where(nonzero, n.reciprocal(), 0.0)
     cos = (gramian * torch.outer(inv, inv)).clamp_(-1.0, 1.0)
@@ -54,12 +54,12 @@ def _max_step(v: Tensor, dv: Tensor) -> Tensor:
 _PRIMAL_REG = 1e-12
 
 
-def nonneg_qp(q_mat: Tensor, q_vec: Tensor, a: Tensor | None = None, iters: int = 20) -> Tensor:
-    """Solve min 1/2 x^T Q x + q^T x  s.t. x >= 0 (and a^T x = 1 when ``a`` is given), batched.
+def nonneg_qp(q_mat: Tensor, q_vec: Tensor, iters: int = 20) -> Tensor:
+    """Solve min 1/2 x^T Q x + q^T x  s.t. x >= 0, batched.
 
     Primal-dual interior point with Mehrotra's predictor-corrector; see ``_interior_point``.
     """
-    return _interior_point(q_mat, q_vec, a, iters)[0]
+    return _interior_point(q_mat, q_vec, None, iters)[0]
 
 
 def _interior_point(
@@ -237,7 +237,7 @@ def project_dual_cone(
     eye = torch.eye(cos.shape[-1], dtype=cos.dtype, device=cos.device)
     q_mat = cos + reg * eye
     q_vec = (q_mat @ s.unsqueeze(-1)).squeeze(-1)
-    x = nonneg_qp(q_mat.expand(*s.shape[:-1], *q_mat.shape[-2:]), q_vec, None, iters)
+    x = nonneg_qp(q_mat.expand(*s.shape[:-1], *q_mat.shape[-2:]), q_vec, iters)
     beta = (x.clamp_min(0.0) + s) * scale
     safe = torch.where(nonzero, norms, 1.0)
     return torch.where(nonzero, beta / safe, lower)

@@ -103,11 +103,8 @@ class CAGrad(GramianAggregator):
         # the Gramian cannot resolve ||g_w|| and t is the better estimate).
         q = w @ g @ w
         lam = torch.where(q > 1e-8, radius / q.clamp_min(1e-300).sqrt(), 1.0 / x[s])
-        out = b + lam * w
-        if self.rescale == 1:
-            out = out / (1 + self.c**2)
-        elif self.rescale == 2:
-            out = out / (1 + self.c)
+        divisor = {1: 1 + self.c**2, 2: 1 + self.c}.get(self.rescale, 1.0)
+        out = (b + lam * w) / divisor
         # rho = 0 (c = 0 or zero mean gradient): d = g_0, the plain mean.
         ok = (radius > 0) & torch.isfinite(out).all()
-        return torch.where(ok, out, b / (1 + self.c if self.rescale == 2 else 1.0))
+        return torch.where(ok, out, b / divisor)

@@ -9,8 +9,8 @@ from ._base import (
     Aggregation,
     Aggregator,
     GramianAggregator,
+    _compute_dtype,
     check_matrix,
-    combine,
     gramian_of,
     prepare_losses,
 )
@@ -83,23 +83,20 @@ class Compose(GramianAggregator):
         losses: Tensor | None = None,
         activation: Tensor | None = None,
     ) -> Aggregation:
+        if isinstance(self._last, GramianAggregator):
+            return super().forward(J, gramian=gramian, losses=losses)
+        # the last method needs the rows (GradDrop): it gets the rescaled rows D J
         check_matrix(J)
         if J.shape[0] == 0:
             return Aggregation(J.new_zeros(J.shape[1]), J.new_zeros(0))
-        last = self._last
+        cd = _compute_dtype(J.dtype)
         with torch.no_grad():
-            g = gramian_of(J, gramian)
-            ls = prepare_losses(losses, J)
-            if isinstance(last, GramianAggregator):
-                w = self.weights(g, ls)
-        if isinstance(last, GramianAggregator):
-            return combine(J, w)
-        with torch.no_grad():
-            d, g2 = self._prescale(g, ls)
-        scaled = d.to(J.dtype).unsqueeze(1) * J
-        out = last(scaled, gramian=g2, losses=losses, activation=activation)
+            d, g = self._prescale(gramian_of(J, gramian), prepare_losses(losses, J))
+        # in at least float32: the factors (NSGD's 1 / ||g_i||) overflow half precision
+        scaled = d.to(cd).unsqueeze(1) * J.to(cd)
+        out = self._last(scaled, gramian=g, losses=losses, activation=activation)
         weights = None if out.weights is None else d.to(out.weights.dtype) * out.weights
-        return Aggregation(out.gradient, weights)
+        return Aggregation(out.gradient.to(J.dtype), weights)
 
     def extra_repr(self) -> str:
         return f"spec={self.name!r}"

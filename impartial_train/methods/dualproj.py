@@ -5,11 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._base import GramianAggregator
-from ._solvers import cosine_matrix, project_dual_cone
+from ._dual_cone import DualConeAggregator
 
 
-class DualProj(GramianAggregator):
+class DualProj(DualConeAggregator):
     r"""DualProj: the average gradient projected onto the dual cone of the rows.
 
     Paper: P. Quinton, V. Rey, "Jacobian Descent for Multi-Objective Optimization", 2024,
@@ -26,19 +25,6 @@ class DualProj(GramianAggregator):
     """
 
     name = "dualproj"
-    uses_losses = False
 
-    def __init__(self, reg: float = 1e-10, iters: int = 20) -> None:
-        super().__init__()
-        self.reg = float(reg)
-        self.iters = int(iters)
-
-    def _repr_options(self) -> dict:
-        return {"reg": self.reg}
-
-    def weights(self, gramian: Tensor, losses: Tensor | None) -> Tensor:
-        s = gramian.shape[0]
-        cos, norms, nonzero = cosine_matrix(gramian)
-        lower = torch.full((1, s), 1.0 / s, dtype=cos.dtype, device=cos.device)
-        w = project_dual_cone(cos, norms, nonzero, lower, self.reg, self.iters)[0]
-        return torch.where(torch.isfinite(w).all(), w, torch.full_like(w, 1.0 / s))
+    def _lower(self, s: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        return torch.full((1, s), 1.0 / s, dtype=dtype, device=device)

@@ -48,6 +48,10 @@ class GradDrop(RandomMixin, Aggregator):
 
     def __init__(self, leak: float | Sequence[float] = 0.0, seed: int | None = None) -> None:
         super().__init__()
+        if isinstance(leak, str):
+            raise ValueError(
+                f"graddrop: leak must be a number or a sequence of numbers, got {leak!r}"
+            )
         values = [float(leak)] if isinstance(leak, (int, float)) else [float(x) for x in leak]
         if any(not 0.0 <= x <= 1.0 for x in values):
             raise ValueError(f"graddrop: leak values must be in [0, 1], got {leak!r}")

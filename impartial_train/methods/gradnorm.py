@@ -69,9 +69,7 @@ class GradNorm(LazyStateMixin, RowScaler):
     def scales(self, gramian: Tensor, losses: Tensor | None) -> Tensor:
         s = gramian.shape[0]
         dev, dt = gramian.device, gramian.dtype
-        if self.weight.numel() == 0:
-            self._materialise("weight", torch.ones(s, device=dev))
-        if not self._state_fits("weight", s):
+        if not self._state_fits("weight", s, lambda: torch.ones(s, device=dev)):
             return torch.ones(s, dtype=dt, device=dev)
         with torch.no_grad():
             w = self.weight.detach().to(dev, dt).clamp_min(0.0)
@@ -82,10 +80,8 @@ class GradNorm(LazyStateMixin, RowScaler):
         weighted = w * norms
         mean_norm = weighted.mean()
         target = mean_norm.expand(s)
-        if losses is not None:
-            if self.initial_losses.numel() == 0:
-                self._materialise("initial_losses", losses.to(dev))
-            if self._state_fits("initial_losses", s):
+        if losses is not None:  # noqa: SIM102 - the state is only touched when losses come
+            if self._state_fits("initial_losses", s, lambda: losses.to(dev)):
                 initial = self.initial_losses.to(dev, dt)
                 ok = torch.isfinite(initial) & (initial != 0)
                 ratio = torch.where(ok, losses / torch.where(ok, initial, 1.0), 1.0)

@@ -71,9 +71,7 @@ class GradVac(LazyStateMixin, RandomMixin, GramianAggregator):
         s = gramian.shape[0]
         dev, dt = gramian.device, gramian.dtype
         coef = torch.eye(s, dtype=dt, device=dev)
-        if self.targets.numel() == 0:
-            self._materialise("targets", torch.zeros(s, s, device=dev))
-        stateful = self._state_fits("targets", s)
+        stateful = self._state_fits("targets", s, lambda: torch.zeros(s, s, device=dev))
         if s == 1:
             return coef[0]
         phi_hat = self.targets.to(dev, dt) if stateful else torch.zeros(s, s, dtype=dt, device=dev)

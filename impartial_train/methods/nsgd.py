@@ -54,10 +54,8 @@ class NSGD(LazyStateMixin, RowScaler):
         s = gramian.shape[0]
         dev, dt = gramian.device, gramian.dtype
         norms = row_norms(gramian)
-        if self.initial_norms.numel() == 0:
-            self._materialise("initial_norms", torch.ones(s, device=dev))
         initial = torch.ones_like(norms)
-        if self._state_fits("initial_norms", s):
+        if self._state_fits("initial_norms", s, lambda: torch.ones(s, device=dev)):
             record = self.counter.to(dev) == self.update_at
             initial = torch.where(record, norms, self.initial_norms.to(dev, dt))
             self.initial_norms.copy_(initial)

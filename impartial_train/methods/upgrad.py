@@ -5,11 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._base import GramianAggregator
-from ._solvers import cosine_matrix, project_dual_cone
+from ._dual_cone import DualConeAggregator
 
 
-class UPGrad(GramianAggregator):
+class UPGrad(DualConeAggregator):
     r"""UPGrad: the mean of every stream gradient projected onto the dual cone of the rows.
 
     Paper: P. Quinton, V. Rey, "Jacobian Descent for Multi-Objective Optimization", 2024,
@@ -35,20 +34,6 @@ class UPGrad(GramianAggregator):
     """
 
     name = "upgrad"
-    uses_losses = False
 
-    def __init__(self, reg: float = 1e-10, iters: int = 20) -> None:
-        super().__init__()
-        self.reg = float(reg)
-        self.iters = int(iters)
-
-    def _repr_options(self) -> dict:
-        return {"reg": self.reg}
-
-    def weights(self, gramian: Tensor, losses: Tensor | None) -> Tensor:
-        s = gramian.shape[0]
-        cos, norms, nonzero = cosine_matrix(gramian)
-        lower = torch.eye(s, dtype=cos.dtype, device=cos.device) / s
-        v = project_dual_cone(cos, norms, nonzero, lower, self.reg, self.iters)
-        w = v.sum(0)
-        return torch.where(torch.isfinite(w).all(), w, torch.full_like(w, 1.0 / s))
+    def _lower(self, s: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        return torch.eye(s, dtype=dtype, device=device) / s
