@@ -27,13 +27,7 @@ MODEL_FILES = TABULAR_FILES + MULTIMODAL_FILES
 PROTOCOL = ["build_model", "example_batch", "compute_losses", "train_dataset", "val_dataset"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one intra-op thread is faster and avoids oversubscribed cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def load(name):
@@ -154,6 +148,22 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _library_gradients(name):
+    """The example's model in float64, its batch, and the gradients of the sum of its losses;
+    the gradients are then zeroed and the RNG seeded as before that backward, so that a
+    reference computation draws the same samples."""
+    module = load(name)
+    torch.manual_seed(0)
+    model = module.build_model().double()
+    batch = {k: v.double() for k, v in module.example_batch().items()}
+    torch.manual_seed(1)
+    sum(model(batch).values()).backward()
+    got = _grads(model)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    return model, batch, got
+
+
 def _assert_grads_close(got, want):
     assert got.keys() == want.keys()
     for name in want:
@@ -161,16 +171,7 @@ def _assert_grads_close(got, want):
 
 
 def test_tabular_iwae_terms_have_the_iwae_gradient():
-    module = load("tabular_iwae")
-    torch.manual_seed(0)
-    model = module.build_model().double()
-    batch = {k: v.double() for k, v in module.example_batch().items()}
-    torch.manual_seed(1)
-    sum(model(batch).values()).backward()
-    got = _grads(model)
-
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(1)
+    model, batch, got = _library_gradients("tabular_iwae")
     q = model.posterior(batch)
     z = q.rsample((model.num_samples,))
     log_liks = model.log_likelihoods(model.decode(z), batch)
@@ -182,16 +183,7 @@ def test_tabular_iwae_terms_have_the_iwae_gradient():
 
 def test_tabular_dreg_gradients_match_tucker_et_al():
     """Decoder: sum_k w_k grad log w_k; encoder: sum_k w_k^2 (d log w_k / d z_k) dz_k/dphi."""
-    module = load("tabular_dreg")
-    torch.manual_seed(0)
-    model = module.build_model().double()
-    batch = {k: v.double() for k, v in module.example_batch().items()}
-    torch.manual_seed(1)
-    sum(model(batch).values()).backward()
-    got = _grads(model)
-
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(1)
+    model, batch, got = _library_gradients("tabular_dreg")
     q = model.posterior(batch)
     z = q.rsample((model.num_samples,))
     n = z.shape[1]
@@ -218,16 +210,7 @@ def test_tabular_dreg_gradients_match_tucker_et_al():
 
 
 def test_mmvae_iwae_terms_have_the_stratified_iwae_gradient():
-    module = load("mmvae_iwae")
-    torch.manual_seed(0)
-    model = module.build_model().double()
-    batch = {k: v.double() for k, v in module.example_batch().items()}
-    torch.manual_seed(1)
-    sum(model(batch).values()).backward()
-    got = _grads(model)
-
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(1)
+    model, batch, got = _library_gradients("mmvae_iwae")
     experts = list(model.experts(batch).values())
     bounds = []
     for q_m in experts:

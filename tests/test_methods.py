@@ -62,14 +62,7 @@ HOMOGENEOUS = ALL  # every method claims A(sJ) = s A(J) for s > 0 (with its defa
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The S x D Gramian products are tiny; on a busy 2-core machine the multi-threaded BLAS
-    # path costs milliseconds per call. Restored afterwards.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(name: str, seed: int = 0, **kwargs) -> Aggregator:

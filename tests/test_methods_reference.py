@@ -19,12 +19,7 @@ from impartial_train.methods import build
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def model_jacobian(num_losses: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
