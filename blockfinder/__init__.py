@@ -6,7 +6,13 @@
 
 from blockfinder._version import __version__
 from blockfinder.analyze import analyze
-from blockfinder.errors import BlockfinderError, CaptureError, LossError, ModelRunError
+from blockfinder.errors import (
+    BlockfinderError,
+    CaptureError,
+    LossError,
+    ModelRunError,
+    RegularizerError,
+)
 from blockfinder.report import BlockReport, BranchPoint, ImpartialityBlock
 
 __all__ = [
@@ -17,6 +23,7 @@ __all__ = [
     "ImpartialityBlock",
     "LossError",
     "ModelRunError",
+    "RegularizerError",
     "__version__",
     "analyze",
 ]

@@ -20,13 +20,13 @@ from torch import nn
 from torch.autograd.function import BackwardCFunction
 from torch.distributions import Distribution
 
-from blockfinder.autograd_capture import AutogradCapture, capture_autograd, parameter_names
-from blockfinder.blocks import analyze_graph, names_of
-from blockfinder.errors import BlockfinderError
+from blockfinder.autograd_capture import AutogradCapture, capture_autograd
+from blockfinder.blocks import analyze_graph, names_of, reach_bits
+from blockfinder.errors import BlockfinderError, RegularizerError
 from blockfinder.export_capture import capture_export, preserved_modules
 from blockfinder.fx_capture import StructuralCapture, capture_fx
 from blockfinder.losses import LossesFn
-from blockfinder.reconcile import reach_bits, reconcile
+from blockfinder.reconcile import reconcile
 from blockfinder.report import BlockReport
 
 CAPTURES = ("fx", "export", "draft_export")
@@ -98,7 +98,6 @@ def _refine_custom_functions(
     truth: AutogradCapture,
     model: nn.Module,
     params: dict[str, frozenset[str]],
-    loss_names: tuple[str, ...],
 ) -> str | None:
     """A custom ``autograd.Function`` may return ``None`` for an input its graph node links to:
     the graph walk says the gradient flows, backward says it does not. When the truth graph has
@@ -199,25 +198,21 @@ def _run(
     requested = tuple(dict.fromkeys(regularizers))
     unknown = [r for r in requested if r not in loss_names]
     if unknown and strict_regularizers:
-        raise BlockfinderError(
-            f"unknown regularizer {', '.join(map(repr, unknown))}: the losses are "
-            f"{', '.join(loss_names)}"
-        )
+        raise RegularizerError(tuple(unknown), loss_names)
     regs = tuple(r for r in requested if r in loss_names)
 
     start = time.perf_counter()
     reach = reach_bits(truth.graph, loss_names)
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     reach_of = {
         a["param"]: reach[n] for n, a in truth.graph.nodes(data=True) if a.get("op") == "parameter"
     }
-    names, aliases = parameter_names(model)
+    # named_parameters() gives each tied parameter once, under its canonical (first) name
     params = {
         name: names_of(reach_of.get(name, 0), loss_names)
-        for name in names.values()
-        if name in trainable
+        for name, p in model.named_parameters()
+        if p.requires_grad
     }
-    refined = _refine_custom_functions(truth, model, params, loss_names)
+    refined = _refine_custom_functions(truth, model, params)
     timings["autograd_reach"] = time.perf_counter() - start
 
     structural: StructuralCapture | None = None
@@ -265,7 +260,7 @@ def _run(
         specializations=specializations,
         differences=differences,
         notes=notes,
-        aliases=aliases,
+        aliases=truth.aliases,
         graph=graph,
         loss_values={k: float(v.detach()) for k, v in truth.losses.items()},
         timings=timings,

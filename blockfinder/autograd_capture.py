@@ -109,7 +109,6 @@ class AutogradCapture:
     graph: nx.DiGraph
     losses: dict[str, torch.Tensor]
     aliases: dict[str, tuple[str, ...]]
-    origin: dict[Any, tuple[str, str]] = field(repr=False)
     value_of: dict[str, Value] = field(repr=False)
 
 
@@ -224,6 +223,4 @@ def capture_autograd(
         losses = call_losses(losses_fn, model, batch)
     names, aliases = parameter_names(model)
     graph, value_of = build_graph(losses, names, recorder.origin)
-    return AutogradCapture(
-        graph=graph, losses=losses, aliases=aliases, origin=recorder.origin, value_of=value_of
-    )
+    return AutogradCapture(graph=graph, losses=losses, aliases=aliases, value_of=value_of)

@@ -26,9 +26,36 @@ def _grad_successors(graph: nx.DiGraph, node: str):
             yield user
 
 
+def reach_bits(graph: nx.DiGraph, losses: Sequence[str]) -> dict[str, int]:
+    """Reach bitset of every node through gradient edges: one pass over the graph in reverse
+    topological order (Kahn)."""
+    index = {name: i for i, name in enumerate(losses)}
+    nodes, succ, pred = graph._node, graph._succ, graph._pred
+    remaining = {node: len(users) for node, users in succ.items()}
+    ready = [node for node, count in remaining.items() if count == 0]
+    reach: dict[str, int] = {}
+    while ready:
+        node = ready.pop()
+        attrs = nodes[node]
+        if attrs.get("op") == "loss":
+            bits = 1 << index[attrs["loss"]] if attrs.get("loss") in index else 0
+        else:
+            bits = 0
+            for user, edge in succ[node].items():
+                if edge.get("grad", True):
+                    bits |= reach[user]
+        reach[node] = bits
+        for producer in pred[node]:
+            remaining[producer] -= 1
+            if remaining[producer] == 0:
+                ready.append(producer)
+    if len(reach) != len(nodes):
+        raise ValueError("the dependency graph has a cycle")
+    return reach
+
+
 def compute_reach(graph: nx.DiGraph, losses: Sequence[str]) -> None:
     """Set ``reach`` (bitset of losses reached via gradient edges) and ``grad`` on every node."""
-    index = {name: i for i, name in enumerate(losses)}
     order = list(nx.topological_sort(graph))
     for node in order:  # forward: does the value depend on a trainable parameter?
         attrs = graph.nodes[node]
@@ -44,15 +71,8 @@ def compute_reach(graph: nx.DiGraph, losses: Sequence[str]) -> None:
                 for p, e in graph.pred[node].items()
                 if e.get("grad", True)
             )
-    for node in reversed(order):
-        attrs = graph.nodes[node]
-        if attrs.get("op") == "loss":
-            attrs["reach"] = 1 << index[attrs["loss"]] if attrs["loss"] in index else 0
-            continue
-        bits = 0
-        for user in _grad_successors(graph, node):
-            bits |= graph.nodes[user]["reach"]
-        attrs["reach"] = bits
+    for node, bits in reach_bits(graph, losses).items():
+        graph.nodes[node]["reach"] = bits
 
 
 def _stream_users(graph: nx.DiGraph, node: str) -> list[str]:

@@ -15,3 +15,15 @@ class ModelRunError(BlockfinderError):
 
 class CaptureError(BlockfinderError):
     """No capture strategy could produce a graph of the model."""
+
+
+class RegularizerError(BlockfinderError):
+    """Regularizers were named that are not among the losses (``unknown``; ``losses``: the
+    loss names, so that a caller can say where the names came from)."""
+
+    def __init__(self, unknown: tuple[str, ...], losses: tuple[str, ...]) -> None:
+        self.unknown, self.losses = tuple(unknown), tuple(losses)
+        super().__init__(
+            f"unknown regularizer {', '.join(map(repr, self.unknown))}: the losses are "
+            f"{', '.join(self.losses)}"
+        )

@@ -730,7 +730,6 @@ def to_dependency_graph(
             )
         return False
 
-    container_cache: dict[str, bool] = {}
     losses: list[str] = []
     for node in fx_graph.nodes:
         if node.op == "output":
@@ -770,7 +769,7 @@ def to_dependency_graph(
         }
         if "param" in info:
             attrs["param"] = info["param"]
-        container = container_cache[node.name] = is_container(node)
+        container = is_container(node)
         if container:
             attrs["container"] = True
         if op == "call" and node.op == "call_function" and _is_distribution_node(node):

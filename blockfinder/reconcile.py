@@ -26,7 +26,7 @@ from typing import Any
 import networkx as nx
 import torch
 
-from blockfinder.blocks import names_of
+from blockfinder.blocks import names_of, reach_bits
 from blockfinder.fx_capture import StructuralCapture
 
 _WALK_LIMIT = 200_000
@@ -38,34 +38,6 @@ class Reconciliation:
 
     cut: list[tuple[str, str]] = field(default_factory=list)  # edges set to grad=False
     differences: list[str] = field(default_factory=list)
-
-
-def reach_bits(graph: nx.DiGraph, losses: Sequence[str]) -> dict[str, int]:
-    """Reach bitset of every node through gradient edges (as ``blocks.compute_reach``, without
-    the node attributes): one pass over the graph in reverse topological order (Kahn)."""
-    index = {name: i for i, name in enumerate(losses)}
-    nodes, succ, pred = graph._node, graph._succ, graph._pred
-    remaining = {node: len(users) for node, users in succ.items()}
-    ready = [node for node, count in remaining.items() if count == 0]
-    reach: dict[str, int] = {}
-    while ready:
-        node = ready.pop()
-        attrs = nodes[node]
-        if attrs.get("op") == "loss":
-            bits = 1 << index[attrs["loss"]] if attrs.get("loss") in index else 0
-        else:
-            bits = 0
-            for user, edge in succ[node].items():
-                if edge.get("grad", True):
-                    bits |= reach[user]
-        reach[node] = bits
-        for producer in pred[node]:
-            remaining[producer] -= 1
-            if remaining[producer] == 0:
-                ready.append(producer)
-    if len(reach) != len(nodes):
-        raise ValueError("the dependency graph has a cycle")
-    return reach
 
 
 def structural_parameters(graph: nx.DiGraph, losses: Sequence[str]) -> dict[str, frozenset[str]]:

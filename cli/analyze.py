@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from blockfinder.atomic import atomic_write
-from blockfinder.errors import BlockfinderError
+from blockfinder.errors import BlockfinderError, RegularizerError
 from blockfinder.render import FORMATS
 from cli._console import (
     ArgumentParser,
@@ -121,24 +121,14 @@ def _picture_path(args: Any) -> Path | None:
 # the analysis
 
 
-def _regularizers(args: Any, mf: Any, loss_names: Sequence[str]) -> tuple[str, ...]:
+def _requested_regularizers(args: Any, mf: Any) -> tuple[tuple[str, ...] | None, str]:
+    """The regularizers asked for and where (None: the default, ``kl`` when there is one)."""
     if args.regularizer:
         requested = [r.strip() for item in args.regularizer for r in item.split(",") if r.strip()]
-        source = "--regularizer"
-    elif mf.regularizers is not None:
-        requested = list(mf.regularizers)
-        source = f"REGULARIZERS in {mf.name}"
-    else:
-        return tuple(r for r in ("kl",) if r in loss_names)
-    unknown = [r for r in requested if r not in loss_names]
-    if unknown:
-        names = ", ".join(repr(r) for r in unknown)
-        plural = "s" if len(unknown) > 1 else ""
-        raise BlockfinderError(
-            f"unknown regularizer{plural} {names} (from {source}): the losses are "
-            f"{', '.join(loss_names)}"
-        )
-    return tuple(dict.fromkeys(requested))
+        return tuple(dict.fromkeys(requested)), "--regularizer"
+    if mf.regularizers is not None:
+        return tuple(dict.fromkeys(mf.regularizers)), f"REGULARIZERS in {mf.name}"
+    return None, ""
 
 
 def _measure(mf: Any, model: Any, batch: Any, losses_fn: Any, report: Any, n: int, seed: int):
@@ -162,20 +152,26 @@ def cmd_analyze(args: Any) -> int:
     model = call_build_model(mf)
     batch = call_example_batch(mf)
     losses_fn = make_losses_fn(mf)
-    # One validated run first: clear messages about the losses and their names for --regularizer
-    # (on one thread, like the analysis: small eager runs only lose to thread contention).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        loss_names = tuple(losses_fn(model, batch).keys())
-    finally:
-        torch.set_num_threads(threads)
-    regularizers = _regularizers(args, mf, loss_names)
+    requested, source = _requested_regularizers(args, mf)
 
     from blockfinder import analyze
 
-    with err_console().status(f"analysing {mf.name}…"):
-        report = analyze(model, batch, losses=losses_fn, regularizers=regularizers)
+    try:
+        with err_console().status(f"analysing {mf.name}…"):
+            report = analyze(
+                model,
+                batch,
+                losses=losses_fn,
+                regularizers=("kl",) if requested is None else requested,
+                strict_regularizers=requested is not None,
+            )
+    except RegularizerError as exc:
+        names = ", ".join(repr(r) for r in exc.unknown)
+        plural = "s" if len(exc.unknown) > 1 else ""
+        raise BlockfinderError(
+            f"unknown regularizer{plural} {names} (from {source}): the losses are "
+            f"{', '.join(exc.losses)}"
+        ) from exc
 
     if args.measure:
         with err_console().status(f"measuring gradient conflicts over {args.measure} batches…"):
