@@ -22,8 +22,9 @@ from torch.distributions import Distribution
 
 from blockfinder.autograd_capture import AutogradCapture, capture_autograd
 from blockfinder.blocks import analyze_graph, names_of, reach_bits
+from blockfinder.context import preserved_modules
 from blockfinder.errors import BlockfinderError, RegularizerError
-from blockfinder.export_capture import capture_export, preserved_modules
+from blockfinder.export_capture import capture_export
 from blockfinder.fx_capture import StructuralCapture, capture_fx
 from blockfinder.losses import LossesFn
 from blockfinder.reconcile import reconcile

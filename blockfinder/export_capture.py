@@ -34,7 +34,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
 
-from blockfinder.context import distribution_validation_off
+from blockfinder.context import distribution_validation_off, preserved_modules
 from blockfinder.fx_capture import (
     Harness,
     NodeFacts,
@@ -72,35 +72,6 @@ def quiet_export() -> Iterator[None]:
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
-
-
-@contextmanager
-def preserved_modules(model: nn.Module) -> Iterator[None]:
-    """Restore every module's training flag and hook dictionaries after the block."""
-    modules = list(model.modules())
-    training = [m.training for m in modules]
-    hook_attrs = (
-        "_forward_hooks",
-        "_forward_pre_hooks",
-        "_backward_hooks",
-        "_backward_pre_hooks",
-        "_forward_hooks_with_kwargs",
-        "_forward_pre_hooks_with_kwargs",
-        "_forward_hooks_always_called",
-    )
-    hooks = [{a: dict(getattr(m, a, {})) for a in hook_attrs if hasattr(m, a)} for m in modules]
-    grad_enabled = torch.is_grad_enabled()
-    try:
-        yield
-    finally:
-        torch._C._set_grad_enabled(grad_enabled)
-        for module, flag, saved in zip(modules, training, hooks):
-            module.training = flag
-            for attr, value in saved.items():
-                current = getattr(module, attr)
-                if current.keys() != value.keys():
-                    current.clear()
-                    current.update(value)
 
 
 def _facts(node: fx.Node) -> NodeFacts:
