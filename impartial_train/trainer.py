@@ -745,6 +745,12 @@ class Trainer:
         except Exception as exc:
             raise ResumeError(f"cannot read the checkpoint {path}: {exc}") from exc
         where = str(path)
+        if ckpt.get("format") != FORMAT:
+            raise ResumeError(
+                f"the checkpoint {where} has format {ckpt.get('format')!r}, this version of "
+                f"impartial reads format {FORMAT}: resume with the version that wrote it, or "
+                "use another --out"
+            )
         if ckpt.get("model_signature") != model_signature(self.model):
             saved = ckpt.get("model_file") or "another model"
             raise ResumeError(

@@ -214,6 +214,10 @@ def test_resume_errors(tmp_path):
         other.fit(dataset(), epochs=2, out=tmp_path, resume=True)
     with pytest.raises(ResumeError, match="trained on 40 examples"):
         trainer("pcgrad").fit(dataset(30), epochs=2, out=tmp_path, resume=True)
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    save_atomic({**ckpt, "format": 99}, tmp_path / "checkpoint.pt")
+    with pytest.raises(ResumeError, match="has format 99"):
+        trainer("pcgrad").fit(dataset(), epochs=2, out=tmp_path, resume=True)
 
 
 def test_resume_refuses_another_optimizer_seed_or_regularizers(tmp_path):
