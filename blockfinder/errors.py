@@ -13,6 +13,11 @@ class ModelRunError(BlockfinderError):
     """The model could not run on the batch."""
 
 
+class OptionError(BlockfinderError, ValueError):
+    """A model option (``OPTIONS`` of a model file, set with ``--model-arg``) has a value the
+    model file cannot use: raised by model files, printed by the CLIs as one line."""
+
+
 class CaptureError(BlockfinderError):
     """No capture strategy could produce a graph of the model."""
 

@@ -1,7 +1,8 @@
 """``blockfinder``: find the impartiality blocks of the model in a model file.
 
 blockfinder analyze MODEL.py [-o blocks.svg] [--json blocks.json] [--depth N | --ops]
-                             [--regularizer NAME ...] [--measure N] [--no-render] [--debug]
+                             [--regularizer NAME ...] [--measure N] [--model-arg KEY=VALUE ...]
+                             [--no-render] [--debug]
 """
 
 from __future__ import annotations
@@ -98,6 +99,13 @@ def build_parser() -> ArgumentParser:
         metavar="N",
         help="measure stream gradient conflicts at each branch point over N batches",
     )
+    p.add_argument(
+        "--model-arg",
+        action="append",
+        metavar="KEY=VALUE",
+        help="an option of the model file (repeatable; its OPTIONS lists them), e.g. "
+        "--model-arg table=data.csv",
+    )
     p.add_argument("--seed", type=seed_number, default=0, help="random seed (default: 0)")
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     return parser
@@ -147,7 +155,7 @@ def cmd_analyze(args: Any) -> int:
     picture = _picture_path(args)  # fail on a bad -o before any work
     json_path = Path(args.json) if args.json else None
 
-    mf = load_model_file(args.model)
+    mf = load_model_file(args.model, args.model_arg)
     torch.manual_seed(args.seed)
     model = call_build_model(mf)
     batch = call_example_batch(mf)

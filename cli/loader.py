@@ -19,12 +19,12 @@ import sys
 import traceback
 import zlib
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal
 
-from blockfinder.errors import BlockfinderError, LossError, ModelRunError
+from blockfinder.errors import BlockfinderError, LossError, ModelRunError, OptionError
 
 __all__ = [
     "ModelFile",
@@ -60,6 +60,13 @@ class ModelFile:
     val_dataset: Callable[[], Any] | None
     evaluate: Callable[[Any, Any], Any] | None
     path: Path
+    options: dict[str, Any] | None = None
+    """The model options in force (``OPTIONS`` after ``--model-arg``); ``None``: none declared."""
+    model_args: dict[str, Any] = field(default_factory=dict)
+    """The ``--model-arg`` values given, parsed."""
+    metrics: dict[str, str] | None = None
+    """``METRICS``: the direction (``"min"``/``"max"``) of ``evaluate()`` metrics, by name or
+    glob pattern."""
 
     @property
     def name(self) -> str:
@@ -135,6 +142,10 @@ def _raised(
     fix: str = "",
     cls: type[BlockfinderError] = ModelFileError,
 ) -> BlockfinderError:
+    if isinstance(exc, OptionError):  # the user's option, not the file's code, is wrong
+        err = ModelFileError(f"bad model option: {_one_line(str(exc))} (from {what})")
+        err.__cause__ = exc
+        return err
     where = _user_frame(exc, mf_path, user_root)
     at = f" (at {where})" if where else ""
     tail = f": {fix}" if fix else ""
@@ -314,13 +325,42 @@ def _regularizers(module: ModuleType, shown: str) -> list[str] | None:
     return out
 
 
-def load_model_file(path: str | os.PathLike[str]) -> ModelFile:
-    """Import a model file and collect its protocol names (see the module docstring)."""
+def _metrics(module: ModuleType, shown: str) -> dict[str, str] | None:
+    declared = getattr(module, "METRICS", None)
+    if declared is None:
+        return None
+    fix = "write e.g. METRICS = {'accuracy': 'max', 'error*': 'min'}"
+    if not isinstance(declared, Mapping):
+        raise ModelFileError(
+            f"METRICS in {shown} is {_a(type(declared).__name__)}, not a dict: {fix}"
+        )
+    for name, direction in declared.items():
+        if not isinstance(name, str) or direction not in ("min", "max"):
+            raise ModelFileError(
+                f"METRICS in {shown} maps {name!r} to {direction!r}: keys are metric names (or "
+                f"glob patterns), values 'min' (lower is better) or 'max'; {fix}"
+            )
+    return dict(declared)
+
+
+def load_model_file(
+    path: str | os.PathLike[str], model_args: Mapping[str, str] | Iterable[str] | None = None
+) -> ModelFile:
+    """Import a model file and collect its protocol names (see the module docstring).
+
+    ``model_args`` (``--model-arg`` texts: ``{key: text}`` or ``["key=text", ...]``) set the
+    file's ``OPTIONS`` (:mod:`cli.model_options`) before any of its functions is called.
+    """
+    from cli.model_options import apply_model_options
+
     p = Path(path).expanduser()
     shown = _display(p)
     _check_source(p, shown)
     p = p.resolve()
     module, _root = _import_module(p, shown)
+    given = model_args if isinstance(model_args, Mapping) else list(model_args or [])
+    parsed = apply_model_options(module, shown, given)
+    options = getattr(module, "OPTIONS", None)
 
     build = getattr(module, "build_model", None)
     if build is None:
@@ -350,6 +390,9 @@ def load_model_file(path: str | os.PathLike[str]) -> ModelFile:
         val_dataset=_optional_callable(module, "val_dataset", shown, "()"),
         evaluate=_optional_callable(module, "evaluate", shown, "(model, loader)"),
         path=p,
+        options=dict(options) if isinstance(options, Mapping) else None,
+        model_args=parsed,
+        metrics=_metrics(module, shown),
     )
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from blockfinder.errors import BlockfinderError
 from cli._console import ArgumentParser, UsageError, err_console, out_console, run_cli, seed_number
+from cli.model_options import parse_model_args
 
 PROG = "impartial-train"
 DEFAULT_METHOD = "pcgrad"
@@ -40,6 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "regularizer": None,
     "compare": None,
     "devices": 1,
+    "model_arg": [],
 }
 #: options taken from the run's config.json on --resume when not given again
 RESUMED = tuple(DEFAULTS)
@@ -90,6 +92,13 @@ def build_parser() -> ArgumentParser:
         "Ctrl-C saves a checkpoint; --resume continues it exactly.",
     )
     parser.add_argument("model", metavar="MODEL.py", help="the model file")
+    parser.add_argument(
+        "--model-arg",
+        action="append",
+        metavar="KEY=VALUE",
+        help="an option of the model file (repeatable; its OPTIONS lists them), e.g. "
+        "--model-arg table=data.csv",
+    )
     parser.add_argument(
         "--method",
         metavar="NAME|A+B",
@@ -297,6 +306,14 @@ def resolve_options(args: argparse.Namespace, model_path: Path) -> tuple[dict[st
                 saved = dict(json.loads(config.read_text()).get("options") or {})
             except (OSError, ValueError):
                 saved = {}
+    if "model_arg" in explicit and saved.get("model_arg") is not None:
+        before, now = parse_model_args(saved["model_arg"]), parse_model_args(explicit["model_arg"])
+        if {**before, **now} != before:
+            raise UsageError(
+                f"--resume: the run in {out} was trained with model options "
+                f"{' '.join(f'{k}={v}' for k, v in before.items()) or '(defaults)'}: resume "
+                "without --model-arg, or train into another --out"
+            )
     options = dict(DEFAULTS)
     options.update({k: v for k, v in saved.items() if k in RESUMED and v is not None})
     if "compare" in explicit or "method" in explicit:  # one or the other, never both
@@ -471,7 +488,7 @@ def ddp_worker(rank: int, world: int, payload: dict[str, Any]) -> Any:
 
     from cli.loader import load_model_file
 
-    mf = load_model_file(payload["model"])
+    mf = load_model_file(payload["model"], payload["options"]["model_arg"])
     device = payload["device"]
     if device == "cuda":
         torch.cuda.set_device(rank)
@@ -689,7 +706,7 @@ def _main(argv: list[str]) -> int:
     if options.get("compare") is None:
         method_args = parse_method_args(options["method_arg"])
         check_method(options["method"], method_args)
-    mf = load_model_file(args.model)
+    mf = load_model_file(args.model, options["model_arg"])
     _check_train_dataset(mf)
     if args.resume and options.get("compare") is None and not (out / "checkpoint.pt").is_file():
         raise UsageError(

@@ -155,12 +155,12 @@ def model_file(model: str):
 
 
 def configure(mf, spec: RunSpec) -> None:
-    """Point the model file's module constants at the run's dataset (they are read at call
-    time by ``data()``, so one process can run several datasets one after another)."""
-    module = mf.module
+    """Set the model file's options to the run's dataset (``OPTIONS`` is read at call time by
+    ``data()``, so one process can run several datasets one after another)."""
+    from cli.model_options import apply_model_options
+
     if MODELS[spec.model][1] == "tabular":
-        module.DATASET = spec.dataset
-        module.MAX_ROWS = spec.max_rows
+        apply_model_options(mf.module, mf.name, {"table": spec.dataset, "rows": str(spec.max_rows)})
 
 
 def train_size(model: str, dataset: str, max_rows: int) -> int:

@@ -25,6 +25,7 @@ trunk.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -42,6 +43,7 @@ from torch.distributions import (
     kl_divergence,
 )
 
+from blockfinder.errors import OptionError
 from examples.data.tabular import Attribute, TabularSchema
 from examples.layers import MLP, GaussianEncoder, linear, positive
 
@@ -128,20 +130,40 @@ class AttributeHead(nn.Module):
         return likelihood(self.kind, linear(self.linear, h, detach_params))
 
 
-class TabularVAEBase(nn.Module):
-    """What the tabular models share: schema, encoder input, masked log-likelihoods."""
+def latent_size(options: Mapping[str, object], schema: TabularSchema) -> int:
+    """Size of z from a model file's options: ``latent``, or with ``latent_frac > 0`` that
+    fraction of the number of attributes, rounded, at least 1 (the authors' code uses 50%)."""
+    fraction = float(options.get("latent_frac", 0.0))
+    if fraction > 0:
+        return max(1, int(len(schema.attributes) * fraction + 0.5))
+    latent = int(options["latent"])
+    if latent < 1:
+        raise OptionError(f"latent={latent}: the latent size must be >= 1")
+    return latent
 
-    def __init__(self, schema: TabularSchema):
+
+class TabularVAEBase(nn.Module):
+    """What the tabular models share: schema, encoder input, masked log-likelihoods.
+
+    ``dropout``: dropout on the encoder's observed features (not on the mask), as the input
+    dropout of the paper's code (0.1 there).
+    """
+
+    def __init__(self, schema: TabularSchema, dropout: float = 0.0):
         super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise OptionError(f"dropout={dropout}: the input dropout must be in [0, 1)")
         self.schema = schema
         self.attribute_names = schema.names
+        self.input_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.register_buffer("feature_attribute", schema.feature_index(), persistent=False)
 
     def encoder_input(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Observed entries (one-hot / standardised, zero where not observed) and the mask."""
         observed = batch["observed"]
         feature_mask = observed.index_select(-1, self.feature_attribute)
-        return torch.cat([batch["x_in"] * feature_mask, observed], dim=-1)
+        features = self.input_dropout(batch["x_in"] * feature_mask)
+        return torch.cat([features, observed], dim=-1)
 
     def log_likelihoods(
         self,
@@ -170,6 +192,8 @@ class HeterogeneousVAE(TabularVAEBase):
         latent_dim, hidden_dim: sizes of z and of the hidden layers.
         objective: ``"elbo"``, ``"iwae"`` or ``"dreg"`` (see the module docstring).
         num_samples: K, the number of importance samples (``"iwae"``/``"dreg"``; 1 for the ELBO).
+        num_layers: hidden layers of the encoder and of the decoder trunk (3 in the paper's code).
+        dropout: input dropout of the encoder (:class:`TabularVAEBase`).
     """
 
     def __init__(
@@ -179,8 +203,12 @@ class HeterogeneousVAE(TabularVAEBase):
         hidden_dim: int = 64,
         objective: str = "elbo",
         num_samples: int = 1,
+        num_layers: int = 2,
+        dropout: float = 0.0,
     ):
-        super().__init__(schema)
+        super().__init__(schema, dropout)
+        if num_layers < 1 or hidden_dim < 1:
+            raise OptionError(f"layers={num_layers}, hidden={hidden_dim}: both must be >= 1")
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
         if num_samples < 1 or (objective == "elbo" and num_samples != 1):
@@ -189,8 +217,10 @@ class HeterogeneousVAE(TabularVAEBase):
         self.num_samples = num_samples
         self.latent_dim = latent_dim
         n_attributes = len(schema.attributes)
-        self.encoder = GaussianEncoder(schema.input_dim + n_attributes, hidden_dim, latent_dim)
-        self.trunk = MLP([latent_dim, hidden_dim, hidden_dim], nn.ReLU, activate_output=True)
+        self.encoder = GaussianEncoder(
+            schema.input_dim + n_attributes, hidden_dim, latent_dim, num_layers
+        )
+        self.trunk = MLP([latent_dim] + [hidden_dim] * num_layers, nn.ReLU, activate_output=True)
         self.heads = nn.ModuleDict(
             {a.name: AttributeHead(a, hidden_dim) for a in schema.attributes}
         )
@@ -314,8 +344,9 @@ class HIVAE(TabularVAEBase):
         mixture_dim: int = 8,
         y_dim: int = 8,
         temperature: float = 0.5,
+        dropout: float = 0.0,
     ):
-        super().__init__(schema)
+        super().__init__(schema, dropout)
         self.latent_dim = latent_dim
         self.mixture_dim = mixture_dim
         self.temperature = temperature
@@ -369,25 +400,69 @@ class HIVAE(TabularVAEBase):
 
 
 # -------------------------------------------------------------------------------- evaluation
+TABULAR_METRICS = {
+    "impute_error*": "min",
+    "test_loglik*": "max",
+    "baseline_impute_error*": "min",
+    "baseline_test_loglik*": "max",
+}
+"""Directions of :func:`evaluate_tabular`'s metrics (``METRICS`` of the tabular model files)."""
+
+
+def baseline_distribution(attribute: Attribute) -> Distribution:
+    """The attribute's marginal maximum-likelihood fit on the observed training entries, in
+    likelihood space: Normal(0, 1) / LogNormal(0, 1) for standardised real / positive values,
+    Poisson(mean), Bernoulli(P(1)), Categorical(frequencies)."""
+    if attribute.kind == "real":
+        return Normal(0.0, 1.0, validate_args=False)
+    if attribute.kind == "positive":
+        return LogNormal(0.0, 1.0, validate_args=False)
+    if attribute.kind == "count":
+        return Poisson(torch.tensor(max(attribute.marginal[0], 1e-9)), validate_args=False)
+    if attribute.kind == "binary":
+        return Bernoulli(probs=torch.tensor(attribute.marginal[0]), validate_args=False)
+    return Categorical(probs=torch.tensor(attribute.marginal), validate_args=False)
+
+
+def baseline_guess(attribute: Attribute) -> float:
+    """Mean/mode imputation from the training split: the mean of the observed training values
+    (original units) for numeric attributes, the most frequent level (code) otherwise."""
+    if attribute.is_numeric:
+        return attribute.mean
+    if attribute.kind == "binary":
+        return float(attribute.marginal[0] > 0.5)
+    return float(max(range(len(attribute.marginal)), key=attribute.marginal.__getitem__))
+
+
 @torch.no_grad()
 def evaluate_tabular(
     model: TabularVAEBase, loader: Iterable[Mapping[str, torch.Tensor]]
 ) -> dict[str, float]:
-    """Imputation of the hidden entries from the observed ones, per attribute.
+    """Imputation of the hidden entries from the observed ones, per attribute, beside the
+    trivial baseline.
 
     Returns ``impute_error/<attr>`` (numeric: RMSE in original units divided by the attribute's
     observed training range, as in Nazabal et al. 2020; categorical/binary: error rate),
     ``test_loglik/<attr>`` (mean log-likelihood of the hidden entries, in likelihood space), and
     for both their mean over attributes (``..._mean``) and worst attribute (``..._worst``).
+
+    The baseline imputes every hidden entry with the attribute's training mean (numeric) or most
+    frequent level, and scores it with the attribute's marginal fit (:func:`baseline_guess`,
+    :func:`baseline_distribution`): ``baseline_impute_error/<attr>``,
+    ``baseline_impute_error_mean`` / ``_worst``, ``baseline_test_loglik_mean`` / ``_worst``, and
+    ``impute_error_rel_baseline`` = ``impute_error_mean / baseline_impute_error_mean`` (below 1:
+    the model imputes better than the baseline). A model that does not beat it is not learning.
     """
     was_training = model.training
     model.eval()
     try:
         device = next(model.parameters()).device
         attributes = model.schema.attributes
-        error_sum = torch.zeros(len(attributes), dtype=torch.float64)
-        loglik_sum = torch.zeros(len(attributes), dtype=torch.float64)
-        count = torch.zeros(len(attributes), dtype=torch.float64)
+        sums = {
+            key: torch.zeros(len(attributes), dtype=torch.float64)
+            for key in ("error", "loglik", "base_error", "base_loglik", "count")
+        }
+        baselines = [baseline_distribution(a) for a in attributes]
         for batch in loader:
             batch = {key: value.to(device) for key, value in batch.items()}
             distributions = model.impute(batch)
@@ -399,32 +474,50 @@ def evaluate_tabular(
                     continue
                 guess = point_estimate(attribute.kind, distributions[attribute.name])[mask]
                 truth = batch["x"][mask, d]
+                base = torch.full_like(truth, baseline_guess(attribute))
                 if attribute.is_numeric:
-                    diff = attribute.to_original(guess) - attribute.to_original(truth)
-                    error_sum[d] += diff.double().square().sum().cpu()
+                    true_value = attribute.to_original(truth).double()
+                    error = (attribute.to_original(guess).double() - true_value).square()
+                    base_error = (base.double() - true_value).square()
                 else:
-                    error_sum[d] += (guess != truth).double().sum().cpu()
-                loglik_sum[d] += log_liks[attribute.name][mask].double().sum().cpu()
-                count[d] += mask.sum().cpu()
+                    error, base_error = (guess != truth).double(), (base != truth).double()
+                sums["error"][d] += error.sum().cpu()
+                sums["base_error"][d] += base_error.sum().cpu()
+                sums["loglik"][d] += log_liks[attribute.name][mask].double().sum().cpu()
+                sums["base_loglik"][d] += baselines[d].log_prob(truth.cpu()).double().sum()
+                sums["count"][d] += mask.sum().cpu()
     finally:
         model.train(was_training)
 
     metrics: dict[str, float] = {}
-    errors, logliks = [], []
+    summary: dict[str, list[float]] = {key: [] for key in ("error", "loglik", "base", "base_ll")}
     for d, attribute in enumerate(attributes):
-        if count[d] == 0:
+        n = sums["count"][d].item()
+        if n == 0:
             continue
-        mean_error = (error_sum[d] / count[d]).item()
+        error, base = sums["error"][d].item() / n, sums["base_error"][d].item() / n
         if attribute.is_numeric:
-            mean_error = math.sqrt(mean_error) / attribute.value_range
-        loglik = (loglik_sum[d] / count[d]).item()
-        metrics[f"impute_error/{attribute.name}"] = mean_error
+            error = math.sqrt(error) / attribute.value_range
+            base = math.sqrt(base) / attribute.value_range
+        loglik = sums["loglik"][d].item() / n
+        metrics[f"impute_error/{attribute.name}"] = error
         metrics[f"test_loglik/{attribute.name}"] = loglik
-        errors.append(mean_error)
-        logliks.append(loglik)
-    if errors:
-        metrics["impute_error_mean"] = sum(errors) / len(errors)
-        metrics["impute_error_worst"] = max(errors)
-        metrics["test_loglik_mean"] = sum(logliks) / len(logliks)
-        metrics["test_loglik_worst"] = min(logliks)
+        metrics[f"baseline_impute_error/{attribute.name}"] = base
+        summary["error"].append(error)
+        summary["loglik"].append(loglik)
+        summary["base"].append(base)
+        summary["base_ll"].append(sums["base_loglik"][d].item() / n)
+    if summary["error"]:
+        metrics["impute_error_mean"] = statistics.fmean(summary["error"])
+        metrics["impute_error_worst"] = max(summary["error"])
+        metrics["test_loglik_mean"] = statistics.fmean(summary["loglik"])
+        metrics["test_loglik_worst"] = min(summary["loglik"])
+        metrics["baseline_impute_error_mean"] = statistics.fmean(summary["base"])
+        metrics["baseline_impute_error_worst"] = max(summary["base"])
+        metrics["baseline_test_loglik_mean"] = statistics.fmean(summary["base_ll"])
+        metrics["baseline_test_loglik_worst"] = min(summary["base_ll"])
+        if metrics["baseline_impute_error_mean"] > 0:
+            metrics["impute_error_rel_baseline"] = (
+                metrics["impute_error_mean"] / metrics["baseline_impute_error_mean"]
+            )
     return metrics

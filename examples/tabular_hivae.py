@@ -5,26 +5,33 @@ Gumbel-softmax mixture component s ~ q(s|x) and z ~ q(z|x, s); p(z|s) = N(mu(s),
 attribute head reads both z and s, so the attributes' gradients meet at z and at s. Losses: one per
 attribute (named after it) and ``"kl"`` (KL of s, exact, plus the one-sample KL of z).
 
-Overrides (environment variables read at import; or assign the module constants): those of
-``tabular_vae.py`` (``IMPARTIAL_DATASET`` = ``DATASET``, default diamonds; ``IMPARTIAL_ROWS``,
-``IMPARTIAL_MISSING_RATE``, ``IMPARTIAL_DATA_SEED``, ``IMPARTIAL_LATENT_DIM``,
-``IMPARTIAL_HIDDEN_DIM``) and ``IMPARTIAL_MIXTURE_DIM`` (``MIXTURE_DIM``, default 8);
-``TEMPERATURE`` (0.5) is the Gumbel-softmax temperature.
+Options (``--model-arg KEY=VALUE``): those of ``tabular_vae.py`` (``table``, ``kinds``,
+``drop``, ``rows``, ``missing``, ``val``, ``data_seed``, ``latent``, ``latent_frac``, ``hidden``,
+``dropout``; its encoder has two hidden layers), ``mixture`` (components of s, default 8;
+``IMPARTIAL_MIXTURE_DIM``) and ``temperature`` (Gumbel-softmax, 0.5).
 """
 
 from examples.config import env_float, env_int, env_str
 from examples.data.common import TensorDictDataset, first_batch
-from examples.data.tabular import load_tabular
-from examples.tabular import HIVAE, evaluate_tabular
+from examples.data.tabular import table_from_options
+from examples.tabular import HIVAE, TABULAR_METRICS, evaluate_tabular, latent_size
 
-DATASET = env_str("IMPARTIAL_DATASET", "diamonds")
-MAX_ROWS = env_int("IMPARTIAL_ROWS", 5000)
-MISSING_RATE = env_float("IMPARTIAL_MISSING_RATE", 0.2)
-DATA_SEED = env_int("IMPARTIAL_DATA_SEED", 0)
-LATENT_DIM = env_int("IMPARTIAL_LATENT_DIM", 8)
-HIDDEN_DIM = env_int("IMPARTIAL_HIDDEN_DIM", 64)
-MIXTURE_DIM = env_int("IMPARTIAL_MIXTURE_DIM", 8)
-TEMPERATURE = 0.5
+OPTIONS = {
+    "table": env_str("IMPARTIAL_DATASET", "diamonds"),
+    "kinds": "",
+    "drop": "",
+    "rows": env_int("IMPARTIAL_ROWS", 5000),
+    "missing": env_float("IMPARTIAL_MISSING_RATE", 0.2),
+    "val": 0.2,
+    "data_seed": env_int("IMPARTIAL_DATA_SEED", 0),
+    "latent": env_int("IMPARTIAL_LATENT_DIM", 8),
+    "latent_frac": 0.0,
+    "hidden": env_int("IMPARTIAL_HIDDEN_DIM", 64),
+    "dropout": 0.0,
+    "mixture": env_int("IMPARTIAL_MIXTURE_DIM", 8),
+    "temperature": 0.5,
+}
+METRICS = TABULAR_METRICS
 BATCH_SIZE = 128  # suggested DataLoader batch size
 EXAMPLE_BATCH_SIZE = 64
 
@@ -32,16 +39,18 @@ REGULARIZERS = ["kl"]
 
 
 def data():
-    return load_tabular(DATASET, max_rows=MAX_ROWS, missing_rate=MISSING_RATE, seed=DATA_SEED)
+    return table_from_options(OPTIONS)
 
 
 def build_model():
+    schema = data().schema
     return HIVAE(
-        data().schema,
-        latent_dim=LATENT_DIM,
-        hidden_dim=HIDDEN_DIM,
-        mixture_dim=MIXTURE_DIM,
-        temperature=TEMPERATURE,
+        schema,
+        latent_dim=latent_size(OPTIONS, schema),
+        hidden_dim=OPTIONS["hidden"],
+        mixture_dim=OPTIONS["mixture"],
+        temperature=OPTIONS["temperature"],
+        dropout=OPTIONS["dropout"],
     )
 
 

