@@ -42,6 +42,8 @@ DEFAULTS: dict[str, Any] = {
     "compare": None,
     "devices": 1,
     "model_arg": [],
+    "seeds": None,
+    "steps": None,
 }
 #: options taken from the run's config.json on --resume when not given again
 RESUMED = tuple(DEFAULTS)
@@ -70,6 +72,16 @@ def _number(kind, minimum: float, strict: bool):
         return value
 
     return parse
+
+
+def _seed_list(text: str) -> list[int]:
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError(f"expected seeds like 0,1,2, got {text!r}")
+    seeds = [seed_number(p) for p in parts]
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"a seed is listed twice in {text!r}")
+    return seeds
 
 
 def _device(text: str) -> str:
@@ -113,6 +125,13 @@ def build_parser() -> ArgumentParser:
     )
     parser.add_argument("--epochs", type=_number(int, 0, False), metavar="N", help="(default: 10)")
     parser.add_argument(
+        "--steps",
+        type=_number(int, 1, False),
+        metavar="N",
+        help="train for N optimizer steps instead of --epochs (rounded up to whole epochs: "
+        "ceil(N / batches per epoch))",
+    )
+    parser.add_argument(
         "--batch-size",
         type=_number(int, 1, False),
         metavar="B",
@@ -125,6 +144,13 @@ def build_parser() -> ArgumentParser:
         "--weight-decay", type=_number(float, 0, False), metavar="W", help="(default: 0)"
     )
     parser.add_argument("--seed", type=seed_number, metavar="S", help="random seed (default: 0)")
+    parser.add_argument(
+        "--seeds",
+        type=_seed_list,
+        metavar="S1,S2,...",
+        help="one run per seed (in --out/seed-<s>/, or --out/<method>/seed-<s>/ with --compare), "
+        "then mean ± std per loss and metric (compare.json)",
+    )
     parser.add_argument("--device", type=_device, metavar="auto|cpu|cuda", help="(default: auto)")
     parser.add_argument(
         "--out",
@@ -269,7 +295,7 @@ def _latest_run(stem: str, label: str | None) -> Path | None:
     pattern = f"{_safe(stem)}-{_safe(label)}-*" if label else f"{_safe(stem)}-*"
     found = []
     for d in runs.glob(pattern):
-        marks = [d / "checkpoint.pt", *d.glob("*/checkpoint.pt")]
+        marks = [d / "checkpoint.pt", *d.glob("*/checkpoint.pt"), *d.glob("*/*/checkpoint.pt")]
         times = [m.stat().st_mtime for m in marks if m.is_file()]
         if times:
             found.append((max(times), str(d)))
@@ -283,6 +309,10 @@ def resolve_options(args: argparse.Namespace, model_path: Path) -> tuple[dict[st
     explicit = {k: getattr(args, k) for k in RESUMED if getattr(args, k, None) is not None}
     if args.compare is not None and args.method is not None:
         raise UsageError("--compare and --method exclude each other: list the methods in --compare")
+    if args.seeds is not None and args.seed is not None:
+        raise UsageError("--seed and --seeds exclude each other: list every seed in --seeds")
+    if args.steps is not None and args.epochs is not None:
+        raise UsageError("--epochs and --steps exclude each other: give the budget once")
     stem = model_path.stem
     if args.out:
         out = Path(args.out)
@@ -320,10 +350,13 @@ def resolve_options(args: argparse.Namespace, model_path: Path) -> tuple[dict[st
         options["compare"] = explicit.get("compare")
         options["method"] = explicit.get("method", DEFAULT_METHOD)
     options.update({k: v for k, v in explicit.items() if k not in ("compare", "method")})
+    if "epochs" in explicit:  # a budget given again replaces the run's
+        options["steps"] = None
     if isinstance(options.get("method_arg"), Mapping):  # saved as parsed
         options["method_arg"] = [f"{k}={v}" for k, v in options["method_arg"].items()]
     if out is None:
-        out = _new_out(stem, "compare" if options["compare"] else options["method"])
+        label = "compare" if options["compare"] else options["method"]
+        out = _new_out(stem, label + ("-seeds" if options.get("seeds") else ""))
     return options, out
 
 
@@ -450,7 +483,7 @@ def build_run(
         seed=seed,
         batch_size=_batch_size(mf, options),
         progress=True,
-        summary=not options.get("compare"),
+        summary=not (options.get("compare") or options.get("seeds")),
         console=out_console(),
         model_file=mf.path,
         config=config,
@@ -458,11 +491,17 @@ def build_run(
     return trainer, train_ds, val_ds, _wrap_evaluate(mf)
 
 
-def _run_config(options: Mapping[str, Any], method: str, out: Path, argv: Sequence[str], mf):
+def _run_config(
+    options: Mapping[str, Any], method: str, out: Path, argv: Sequence[str], mf, top: bool = False
+):
+    """config.json's command and options; ``top``: the directory above the runs of --compare or
+    --seeds (a run's own config names its seed, not the list)."""
     opts = {k: options.get(k) for k in RESUMED}
     opts["method"] = None if method == "compare" else method
     if method != "compare":
         opts["compare"] = None
+    if not top:
+        opts["seeds"] = None
     opts["method_arg"] = parse_method_args(options["method_arg"])
     return {
         "command": [PROG, *argv],
@@ -536,6 +575,19 @@ def _resolve_device(options: Mapping[str, Any]):
     return resolve_device(requested)
 
 
+def _epochs_for(steps: int, train_ds: Any, trainer: Any) -> int:
+    """Whole epochs that hold at least ``steps`` optimizer steps."""
+    try:
+        n = len(train_ds)
+    except TypeError:
+        n = 0
+    if not n:
+        raise UsageError(
+            "--steps needs a training dataset with a length (len(train_dataset())): use --epochs"
+        )
+    return math.ceil(steps / math.ceil(n / trainer.batch_size))
+
+
 def train_one(
     mf: Any,
     options: Mapping[str, Any],
@@ -560,6 +612,8 @@ def train_one(
     trainer, train_ds, val_ds, evaluate = build_run(
         mf, options, method, device if devices == 1 else "cpu", requested or None, config, True
     )
+    if options.get("steps"):
+        options = {**options, "epochs": _epochs_for(int(options["steps"]), train_ds, trainer)}
     if devices == 1:
         return _fit(trainer, train_ds, val_ds, evaluate, options, out, resume)
     from impartial_train.distributed import launch
@@ -589,13 +643,28 @@ def _final_row(history: Sequence[Mapping[str, Any]], split: str) -> dict[str, An
     return dict(rows[-1]) if rows else {}
 
 
+def _run_dirs(out: Path, methods: Sequence[str], seeds: Sequence[int] | None, single: bool):
+    """``{(method, seed): directory}``: ``out/<method>/`` for --compare, with --seeds one
+    ``seed-<s>/`` below it (a single method with --seeds: ``out/seed-<s>/``)."""
+    dirs = {}
+    for method in methods:
+        base = out if single else out / _safe(method)
+        for seed in seeds or [None]:
+            dirs[(method, seed)] = base if seed is None else base / f"seed-{seed}"
+    return dirs
+
+
 def compare(
     mf: Any, options: Mapping[str, Any], out: Path, resume: bool, argv: Sequence[str]
 ) -> int:
+    """``--compare`` and/or ``--seeds``: one run per (method, seed), then the scored table,
+    compare.json and compare.png (schema: docs/architecture.md, "compare.json")."""
     from blockfinder.atomic import atomic_write
-    from impartial_train.plots import higher_is_better, metric_columns, plot_compare
+    from impartial_train.plots import metric_columns, order_columns, plot_compare
+    from impartial_train.scoring import best_methods, directions, paired_counts, seed_stats
 
-    methods = _split_list([options["compare"]])
+    single = options.get("compare") is None
+    methods = [options["method"]] if single else _split_list([options["compare"]])
     if len(methods) < 1:
         raise UsageError("--compare needs a comma-separated list of methods, e.g. sum,pcgrad")
     duplicates = sorted({m for m in methods if methods.count(m) > 1})
@@ -611,81 +680,129 @@ def compare(
         raise UsageError(
             f"bad --method-arg: no compared method takes {', '.join(map(repr, unused))}"
         )
-    if resume and not any((out / _safe(m) / "checkpoint.pt").is_file() for m in methods):
+    seeds = options.get("seeds")
+    dirs = _run_dirs(out, methods, seeds, single)
+    if resume and not any((d / "checkpoint.pt").is_file() for d in dirs.values()):
         raise UsageError(
-            f"cannot resume: no checkpoint.pt in {out}/<method>/ (train without --resume first, "
-            "or point --out at an earlier --compare run)"
+            f"cannot resume: no checkpoint.pt in the runs of {out} (train without --resume "
+            "first, or point --out at an earlier --compare/--seeds run)"
         )
     out.mkdir(parents=True, exist_ok=True)
-    config = _run_config(options, "compare", out, argv, mf)
-    config["methods"] = methods
+    config = _run_config(options, methods[0] if single else "compare", out, argv, mf, top=True)
+    config["methods"], config["seeds"] = methods, seeds
     atomic_write(out / "config.json", json.dumps(config, indent=2, default=str) + "\n")
-    histories: dict[str, list[dict[str, Any]]] = {}
+    histories: dict[str, list[list[dict[str, Any]]]] = {m: [] for m in methods}
     console = out_console()
-    for method in methods:
-        sub = out / _safe(method)
-        console.rule(f"[bold]{method}[/bold] -> {sub}")
-        sub_resume = resume and (sub / "checkpoint.pt").is_file()
-        histories[method] = train_one(mf, options, method, sub, sub_resume, argv)
-    split = "val" if all(_final_row(h, "val") for h in histories.values()) else "train"
-    finals = {m: _final_row(h, split) for m, h in histories.items()}
+    for seed in seeds or [None]:  # seeds outermost: an interrupted run has whole seeds
+        for method in methods:
+            sub = dirs[(method, seed)]
+            console.rule(f"[bold]{method}[/bold]{'' if seed is None else f' seed {seed}'} -> {sub}")
+            sub_resume = resume and (sub / "checkpoint.pt").is_file()
+            run_options = dict(options) if seed is None else {**options, "seed": seed}
+            histories[method].append(train_one(mf, run_options, method, sub, sub_resume, argv))
+    runs = [h for hs in histories.values() for h in hs]
+    split = "val" if all(_final_row(h, "val") for h in runs) else "train"
+    finals = {m: [_final_row(h, split) for h in hs] for m, hs in histories.items()}
+    losses = {k for h in runs for r in h if r.get("split") == "train" for k in r}
     columns: list[str] = []
-    for h in histories.values():
+    for h in runs:
         for c in metric_columns([r for r in h if r.get("split") == split]):
             if c not in columns:
                 columns.append(c)
-    best: dict[str, str] = {}
-    higher = {c: higher_is_better(c) for c in columns}
-    for c in columns:
-        values = {
-            m: v
-            for m, row in finals.items()
-            if isinstance(v := row.get(c), int | float) and math.isfinite(v)
-        }
-        if values:
-            top = max(values.values()) if higher[c] else min(values.values())
-            best[c] = next(m for m, v in values.items() if v == top)  # first in --compare order
+    columns = order_columns(columns, losses)
+    way = directions(columns, losses, mf.metrics)
+    stats = seed_stats(finals, columns)
+    best = best_methods(stats, way)
+    reference = methods[0]
     summary = {
+        "schema": 2,
         "split": split,
-        "epochs": int(options["epochs"]),
-        "seed": int(options["seed"]),
+        "epochs": max((int(r["epoch"]) for h in runs for r in h), default=0),
+        "steps": options.get("steps"),
+        "seed": (seeds or [int(options["seed"])])[0],
+        "seeds": seeds or [int(options["seed"])],
+        "reference": reference,
         "columns": columns,
-        "higher_is_better": higher,
+        "direction": way,
+        "higher_is_better": {c: None if d is None else d == "max" for c, d in way.items()},
         "best": best,
         "methods": {
-            m: {"out": str(out / _safe(m)), "final": {c: finals[m].get(c) for c in columns}}
+            m: {
+                "out": str(out if single else out / _safe(m)),
+                "runs": {str(seed): str(dirs[(m, seed)]) for seed in seeds or [None]},
+                "final": {c: stats[m][c].mean for c in columns},
+                "std": {c: stats[m][c].std for c in columns},
+                "n": {c: stats[m][c].n for c in columns},
+                "per_seed": {c: stats[m][c].values for c in columns},
+                **(
+                    {}
+                    if m == reference
+                    else {
+                        "vs_reference": {
+                            c: paired_counts(stats[m][c], stats[reference][c], way[c])
+                            for c in columns
+                        }
+                    }
+                ),
+            }
             for m in methods
         },
     }
     atomic_write(out / "compare.json", json.dumps(summary, indent=2) + "\n")
     try:
-        plot_compare(histories, columns, split, out / "compare.png")
+        pictures = plot_compare(histories, columns, split, out / "compare.png")
     except ImportError:
+        pictures = []
         err_console().print("matplotlib is not installed: compare.png not written")
-    _print_compare(methods, columns, finals, best, higher, split, out)
+    _print_compare(summary, out, pictures)
     return 0
 
 
-def _print_compare(methods, columns, finals, best, higher, split, out) -> None:
-    from rich.table import Table
-
+def _cell(summary: Mapping[str, Any], method: str, column: str) -> str:
     from impartial_train.plots import _fmt
 
-    table = Table(title=f"final {split} values", caption="* best   ↑ higher is better")
+    entry = summary["methods"][method]
+    mean, std = entry["final"][column], entry["std"][column]
+    text = _fmt(mean)
+    if len(summary["seeds"]) > 1 and mean is not None:
+        text += f" ± {_fmt(std)}"
+        if entry["n"][column] < len(summary["seeds"]):
+            text += f" (n={entry['n'][column]})"
+    paired = entry.get("vs_reference", {}).get(column)
+    if paired and paired["wins"] is not None and len(summary["seeds"]) > 1:
+        text += f" [{paired['wins']}/{paired['n']}]"
+    if summary["best"].get(column) == method:
+        return f"[bold green]{text} *[/]"
+    return text
+
+
+def _print_compare(summary: Mapping[str, Any], out: Path, pictures: Sequence[Path]) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    seeds = summary["seeds"]
+    several = len(seeds) > 1
+    title = f"final {summary['split']} values" + (
+        f", mean ± std over seeds {','.join(map(str, seeds))}" if several else ""
+    )
+    caption = (
+        "↓ lower is better, ↑ higher is better, unmarked: no declared direction (METRICS in "
+        "the model file); * beats every other method in every seed"
+    )
+    if several and len(summary["methods"]) > 1:
+        caption += f"; [w/n]: seeds where it beats {summary['reference']}"
+    table = Table(caption=escape(caption))
     table.add_column("loss / metric")
-    for m in methods:
-        table.add_column(m, justify="right")
-    for c in columns:
-        cells = []
-        top = finals[best[c]].get(c) if c in best else None
-        for m in methods:
-            value = finals[m].get(c)
-            text = _fmt(value)
-            cells.append(f"[bold green]{text} *[/]" if top is not None and value == top else text)
-        table.add_row(f"{c} ↑" if higher[c] else c, *cells)
+    for m in summary["methods"]:
+        table.add_column(escape(m), justify="right")
+    for c in summary["columns"]:
+        mark = {"min": " ↓", "max": " ↑"}.get(summary["direction"][c] or "", "")
+        table.add_row(escape(c) + mark, *(_cell(summary, m, c) for m in summary["methods"]))
     console = out_console()
+    console.print(title, style="bold", highlight=False, markup=False)
     console.print(table)
-    console.print(f"compare.json and compare.png in {out}", highlight=False, markup=False)
+    shown = ", ".join(p.name for p in pictures) or "no picture"
+    console.print(f"compare.json and {shown} in {out}", highlight=False, markup=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -708,13 +825,14 @@ def _main(argv: list[str]) -> int:
         check_method(options["method"], method_args)
     mf = load_model_file(args.model, options["model_arg"])
     _check_train_dataset(mf)
-    if args.resume and options.get("compare") is None and not (out / "checkpoint.pt").is_file():
+    several = options.get("compare") is not None or options.get("seeds")
+    if args.resume and not several and not (out / "checkpoint.pt").is_file():
         raise UsageError(
             f"cannot resume: there is no checkpoint.pt in {out} (train without --resume first, "
             "or point --out at an earlier run)"
         )
     try:
-        if options.get("compare") is not None:
+        if options.get("compare") is not None or options.get("seeds"):
             return compare(mf, options, out, args.resume, argv)
         train_one(mf, options, options["method"], out, args.resume, argv)
     except TrainingInterrupted as exc:

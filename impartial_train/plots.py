@@ -6,35 +6,20 @@ matplotlib (Agg backend) is imported only when a picture is drawn.
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "higher_is_better",
     "metric_columns",
+    "order_columns",
     "plot_compare",
     "plot_curves",
     "summary_tables",
 ]
 
 SKIP = ("epoch", "split", "examples", "branch_points")
-_HIGHER = re.compile(
-    r"(acc|accuracy|auc|auroc|f1|r2|score|precision|recall|elbo|loglik|log_lik|likelihood|"
-    r"coherence|iou|bleu|psnr|ssim)",
-    re.IGNORECASE,
-)
-_LOWER = re.compile(r"(nll|error|err|loss|rmse|mse|mae|dist|kl|fid|perplexity)", re.IGNORECASE)
-
-
-def higher_is_better(name: str) -> bool:
-    """Whether a larger value of column ``name`` is better (accuracy, log-likelihood, ...).
-
-    Losses, errors, NLL and anything unrecognised: lower is better."""
-    if _LOWER.search(name.split("/")[0]) and not _HIGHER.search(name.split("/")[0]):
-        return False
-    return bool(_HIGHER.search(name))
+PANELS_PER_PAGE = 16
 
 
 def metric_columns(history: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -120,28 +105,69 @@ def plot_curves(history: Sequence[Mapping[str, Any]], path: str | Path) -> None:
     _save(plt, fig, Path(path))
 
 
+def order_columns(columns: Sequence[str], losses: Iterable[str]) -> list[str]:
+    """Summary first: ``total``, the ``evaluate()`` metrics without a ``/``, the losses, then the
+    per-item metrics (``impute_error/<attr>``, ...), each group in the given order."""
+    losses = set(losses)
+    groups: list[list[str]] = [[], [], [], []]
+    for c in columns:
+        rank = 0 if c == "total" else 2 if c in losses else 3 if "/" in c else 1
+        groups[rank].append(c)
+    return [c for group in groups for c in group]
+
+
+def _page_paths(path: Path, pages: int) -> list[Path]:
+    """``compare.png``, ``compare-2.png``, ... (one per page)."""
+    return [path] + [path.with_name(f"{path.stem}-{k}{path.suffix}") for k in range(2, pages + 1)]
+
+
 def plot_compare(
-    histories: Mapping[str, Sequence[Mapping[str, Any]]],
+    histories: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]],
     columns: Sequence[str],
     split: str,
     path: str | Path,
-    limit: int = 16,
-) -> None:
-    """One panel per column (at most ``limit``): one curve per method on ``split``."""
-    columns = list(columns)[:limit]
-    if not columns:
-        return
-    plt, fig, axes = _figure(len(columns))
-    for ax, column in zip(axes, columns):
-        for method, history in histories.items():
-            xs, ys = _series(history, split, column)
-            if not xs:
-                xs, ys = _series(history, "train", column)
-            if xs:
-                ax.plot(xs, ys, marker="o", markersize=2.5, label=method)
-        _style(ax, f"{column} ({split})")
-        ax.legend(fontsize=7)
-    _save(plt, fig, Path(path))
+    per_page: int = PANELS_PER_PAGE,
+) -> list[Path]:
+    """One panel per column, every column, ``per_page`` panels per picture (``compare.png``,
+    then ``compare-2.png``, ...): one curve per method on ``split`` (the mean over its runs,
+    one per seed, with their range shaded). Returns the pictures written; stale pages of an
+    earlier, longer comparison are removed."""
+    path = Path(path)
+    columns = list(columns)
+    pages = [columns[i : i + per_page] for i in range(0, len(columns), per_page)]
+    paths = _page_paths(path, len(pages))
+    for k in range(len(pages) + 1, 10_000):  # pages left over from an earlier comparison
+        stale = path.with_name(f"{path.stem}-{k}{path.suffix}")
+        if not stale.exists():
+            break
+        stale.unlink()
+    for page, (chunk, target) in enumerate(zip(pages, paths), start=1):
+        plt, fig, axes = _figure(len(chunk))
+        for ax, column in zip(axes, chunk):
+            for index, (method, runs) in enumerate(histories.items()):
+                series = [_series(h, split, column) for h in runs]
+                if not any(xs for xs, _ in series):
+                    series = [_series(h, "train", column) for h in runs]
+                by_epoch: dict[int, list[float]] = {}
+                for xs, ys in series:
+                    for x, y in zip(xs, ys):
+                        by_epoch.setdefault(x, []).append(y)
+                if not by_epoch:
+                    continue
+                epochs = sorted(by_epoch)
+                mean = [sum(by_epoch[e]) / len(by_epoch[e]) for e in epochs]
+                color = f"C{index % 10}"
+                ax.plot(epochs, mean, marker="o", markersize=2.5, label=method, color=color)
+                if len(runs) > 1:
+                    low = [min(by_epoch[e]) for e in epochs]
+                    high = [max(by_epoch[e]) for e in epochs]
+                    ax.fill_between(epochs, low, high, color=color, alpha=0.15, linewidth=0)
+            _style(ax, f"{column} ({split})")
+            ax.legend(fontsize=7)
+        if len(pages) > 1:
+            fig.suptitle(f"page {page} of {len(pages)}", fontsize=9)
+        _save(plt, fig, target)
+    return paths[: len(pages)]
 
 
 def _fmt(value: Any) -> str:

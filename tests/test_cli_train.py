@@ -148,8 +148,14 @@ def test_compare_trains_each_method_alike(tmp_path, capsys):
     assert summary["split"] == "val"
     assert list(summary["methods"]) == ["sum", "pcgrad", "imtl-g"]
     assert {"attr_a", "attr_b", "kl", "total", "rmse_a", "accuracy_b"} <= set(summary["columns"])
-    assert summary["higher_is_better"]["accuracy_b"] and not summary["higher_is_better"]["rmse_a"]
-    assert set(summary["best"]) == set(summary["columns"])
+    assert summary["direction"]["accuracy_b"] == "max" and summary["direction"]["rmse_a"] is None
+    assert summary["direction"]["attr_a"] == summary["direction"]["total"] == "min"
+    assert "rmse_a" not in summary["best"] and "attr_a" in summary["best"]
+    for column, winner in summary["best"].items():  # one seed: strictly the best value
+        values = {m: e["final"][column] for m, e in summary["methods"].items()}
+        better = min if summary["direction"][column] == "min" else max
+        assert values[winner] == better(values.values())
+        assert list(values.values()).count(values[winner]) == 1
     for method in ("sum", "pcgrad", "imtl-g"):
         assert len(rows(out / method)) == 4
         final = summary["methods"][method]["final"]

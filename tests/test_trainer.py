@@ -17,7 +17,6 @@ from impartial_train.checkpoint import (
     save_atomic,
 )
 from impartial_train.distributed import ShardedBatchSampler, launch
-from impartial_train.plots import higher_is_better
 from impartial_train.trainer import ResumeError, Trainer, TrainingError, make_loader
 
 
@@ -286,12 +285,6 @@ def test_sharded_batch_sampler_splits_every_global_batch():
     shards = [list(ShardedBatchSampler(Fake(batches), r, 2)) for r in range(2)]
     assert shards[0] == [[0, 1, 2], [5, 6, 7]] and shards[1] == [[3, 4], [8, 9]]
     assert len(ShardedBatchSampler(Fake(batches), 0, 2)) == 2
-
-
-def test_metric_direction():
-    assert higher_is_better("accuracy_b") and higher_is_better("test_loglik/price")
-    assert not higher_is_better("impute_error/price") and not higher_is_better("nll")
-    assert not higher_is_better("attr_a")
 
 
 # --------------------------------------------------------------------------------------------

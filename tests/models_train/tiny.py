@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 REGULARIZERS = ["kl"]
+METRICS = {"accuracy_b": "max"}  # rmse_a left undeclared: it gets no direction
 BATCH_SIZE = 16
 HIDDEN = int(os.environ.get("TINY_HIDDEN", "8"))
 SLEEP = float(os.environ.get("TINY_SLEEP", "0"))  # seconds per training batch (SIGINT test)
