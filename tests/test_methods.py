@@ -116,12 +116,6 @@ def degenerate(draw, max_streams: int = 4, min_streams: int = 1):
     return j.to(dtype)
 
 
-def pareto_stationary(j: torch.Tensor) -> bool:
-    """0 in the convex hull of the rows. CAGrad's optimum is then a whole segment, and its dual
-    (g_w = 0) fixes d only through the limit of lambda g_w, reached to ~1e-4 relative."""
-    return bool(build("mgda")(j).gradient.norm() <= 1e-6 * j.norm(dim=1).max())
-
-
 def losses_for(j: torch.Tensor) -> torch.Tensor:
     return torch.linspace(0.5, 2.0, j.shape[0], dtype=F64)
 
@@ -344,9 +338,7 @@ def test_permutation_invariance(name, j, perm_seed):
     a = make(name)(j, losses=losses)
     b = make(name)(j[perm], losses=losses[perm])
     scale = j.norm(dim=1).max().clamp_min(1e-300)
-    tol = 1e-7 * scale * (s if name != "nash-mtl" else 1e4)
-    if name == "cagrad" and pareto_stationary(j):
-        tol = 1e-3 * scale
+    tol = 1e-7 * scale * s
     assert (a.gradient - b.gradient).abs().max() <= tol, (a, b)
 
 
@@ -367,10 +359,7 @@ def test_positive_homogeneity(name, j, s):
     a = make(name, seed=4)(j, losses=losses).gradient
     b = make(name, seed=4)(s * j, losses=losses).gradient
     scale = j.norm(dim=1).max()
-    # nash-mtl's ridge can amplify rounding for (near-)opposite rows; still tiny vs the rows
-    rel = 1e-6 if name != "nash-mtl" else 1e-4
-    if name == "cagrad" and pareto_stationary(j):
-        rel = 1e-3
+    rel = 1e-6
     assert ((b - s * a).abs() <= rel * s * scale + 1e-300).all(), (a, b / s)
 
 

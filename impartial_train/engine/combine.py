@@ -62,7 +62,7 @@ def combine_streams(
         if not keep:
             stats.gramian, stats.weights = None, None
             return rows.sum(dim=0)
-        rows, work = rows[finite], work[finite]
+        rows, work, rows64 = rows[finite], work[finite], rows64[finite]
         gramian = gramian[finite][:, finite]
         present = keep
     if gramian_hook is not None:
@@ -99,7 +99,11 @@ def combine_streams(
         else:
             gradient = gradient * scale.to(gradient.dtype)
     if gradient is None:
-        gradient = applied.to(work.dtype) @ work
+        if getattr(method, "exact_combination", False):
+            # large weights whose combination cancels (near Pareto-stationary rows): float64
+            gradient = applied.to(torch.float64) @ rows64
+        else:
+            gradient = applied.to(work.dtype) @ work
     # (tensors of a backward without create_graph never require grad: nothing to detach)
     stats.gramian = gramian.detach() if gramian.requires_grad else gramian
     if weights is not None and weights.requires_grad:

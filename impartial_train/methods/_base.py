@@ -49,12 +49,16 @@ def gramian_of(matrix: Tensor, gramian: Tensor | None = None) -> Tensor:
     return _finite_or_zero(g)
 
 
-def combine(matrix: Tensor, weights: Tensor) -> Aggregation:
-    """``Aggregation(w @ J, w)`` computed in J's dtype (float32 at least), returned in J's dtype."""
+def combine(matrix: Tensor, weights: Tensor, exact: bool = False) -> Aggregation:
+    """``Aggregation(w @ J, w)`` computed in J's dtype (float32 at least; float64 with
+    ``exact``), returned in J's dtype."""
     cd = _compute_dtype(matrix.dtype)
-    w = weights.to(device=matrix.device, dtype=cd)
-    gradient = (w @ matrix.to(cd)).to(matrix.dtype)
-    return Aggregation(gradient=gradient, weights=w)
+    if exact:
+        w64 = weights.to(device=matrix.device, dtype=torch.float64)
+        gradient = (w64 @ matrix.to(torch.float64)).to(matrix.dtype)
+    else:
+        gradient = (weights.to(device=matrix.device, dtype=cd) @ matrix.to(cd)).to(matrix.dtype)
+    return Aggregation(gradient=gradient, weights=weights.to(device=matrix.device, dtype=cd))
 
 
 def check_matrix(matrix: Tensor) -> None:
@@ -82,6 +86,10 @@ class Aggregator(nn.Module):
     # per step) only for methods that do. True unless a method says otherwise, so that a user's
     # own aggregator always gets them.
     uses_losses: ClassVar[bool] = True
+    # Whether the final weighted sum w @ J must be accumulated in float64: for methods whose
+    # weights can be large while their combination is small (near Pareto-stationary rows), where
+    # float32 accumulation leaves only rounding noise.
+    exact_combination: ClassVar[bool] = False
 
     def forward(
         self,
@@ -123,7 +131,7 @@ class GramianAggregator(Aggregator):
         with torch.no_grad():
             g = gramian_of(J, gramian)
             w = self.weights(g, prepare_losses(losses, J))
-        return combine(J, w)
+        return combine(J, w, self.exact_combination)
 
 
 class RowScaler(GramianAggregator):

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "all_supports",
     "barrier_newton",
     "cosine_matrix",
     "lstsq_tikhonov",
@@ -143,9 +144,7 @@ CROSSOVER_ITERS = 8
 _SUPPORT_TABLES: dict[tuple[int, torch.dtype, torch.device], tuple[Tensor, Tensor, Tensor]] = {}
 
 
-def _all_supports(
-    s: int, dtype: torch.dtype, device: torch.device
-) -> tuple[Tensor, Tensor, Tensor]:
+def all_supports(s: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """Every non-empty support T of {0..s-1}: the (2^s - 1, s) masks (as 0/1 values), the
     (2^s - 1, s, s) masks of the T x T blocks, and the s x s identity (cached)."""
     key = (s, dtype, device)
@@ -209,7 +208,7 @@ def simplex_min_norm(cos: Tensor, norms: Tensor, iters: int = CROSSOVER_ITERS) -
     a = norms.amin() / norms
     s = cos.shape[-1]
     if s <= SUPPORTS_MAX:
-        x = _best_on_supports(cos, a, *_all_supports(s, cos.dtype, cos.device))
+        x = _best_on_supports(cos, a, *all_supports(s, cos.dtype, cos.device))
     else:
         x, z = _interior_point(cos, torch.zeros_like(norms), a, iters)
         top = x.amax()
@@ -267,30 +266,43 @@ def lstsq_tikhonov(k: Tensor, rhs: Tensor, rel_eps: float = 1e-8, steps: int = 6
     return x
 
 
-def nash_bargaining(a_mat: Tensor, iters: int = 40) -> Tensor:
-    """The positive solution of A b = 1 / b for a positive definite A (batched).
+def nash_bargaining(a_mat: Tensor, iters: int = 20) -> Tensor:
+    """The positive solution of A b = 1 / b for a positive definite A (one S x S matrix).
 
-    It minimises phi(b) = 1/2 b^T A b - sum(log b), a self-concordant function: Newton steps
-    damped by 1 / (1 + lambda) (lambda the Newton decrement) stay inside b > 0 and converge from
-    any start; once lambda < 1/4 the full step is taken (quadratic convergence). Start: the
-    minimiser of phi along the ray through 1, c = sqrt(S / 1^T A 1).
+    It minimises phi(b) = 1/2 b^T A b - sum(log b), a self-concordant function. Far from the
+    solution (Newton decrement lambda > 1/4) each Newton step is followed by a line search that
+    evaluates phi at once for the step lengths 8, 4, 2, 1, 1/2, ..., 2^-10 and the damped length
+    1 / (1 + lambda) (which alone guarantees global convergence and feasibility) and keeps the
+    best positive point; near it the full step is taken (quadratic convergence). The long steps
+    matter when no positive solution of the unregularised system exists: the solution then grows
+    like 1 / sqrt(ridge) along the stationary combination (1e4 for a 1e-8 ridge), which damped
+    steps alone reach only after dozens of iterations. Start: the minimiser of phi along the ray
+    through 1, c = sqrt(S / 1^T A 1).
     """
     s = a_mat.shape[-1]
-    ones = torch.ones(a_mat.shape[:-1], dtype=a_mat.dtype, device=a_mat.device)
-    quad = (ones.unsqueeze(-2) @ a_mat @ ones.unsqueeze(-1)).squeeze(-1)
-    b = ones * (s / quad.clamp_min(torch.finfo(a_mat.dtype).tiny)).sqrt()
-    eye = torch.eye(s, dtype=a_mat.dtype, device=a_mat.device)
-    for _ in range(iters):
-        grad = (a_mat @ b.unsqueeze(-1)).squeeze(-1) - 1.0 / b
-        hess = a_mat + eye * (1.0 / (b * b)).unsqueeze(-1)
-        step, _ = torch.linalg.solve_ex(hess, -grad.unsqueeze(-1))
-        step = step.squeeze(-1)
-        dec = (-(grad * step).sum(-1, keepdim=True)).clamp_min(0.0).sqrt()
-        t = torch.where(dec > 0.25, 1.0 / (1.0 + dec), 1.0)
-        new = b + t * step
-        b = torch.where(
-            torch.isfinite(new).all(-1, keepdim=True) & (new > 0).all(-1, keepdim=True), new, b
+    dt, dev = a_mat.dtype, a_mat.device
+    ones = torch.ones(s, dtype=dt, device=dev)
+    b = ones * (s / (ones @ a_mat @ ones).clamp_min(torch.finfo(dt).tiny)).sqrt()
+    lengths = torch.cat(
+        (
+            2.0 ** torch.arange(3, -11, -1, dtype=dt, device=dev),
+            torch.zeros(1, dtype=dt, device=dev),
         )
+    )
+    full = 3  # lengths[full] == 1
+    for _ in range(iters):
+        grad = a_mat @ b - 1.0 / b
+        step, _ = torch.linalg.solve_ex(a_mat + torch.diag(1.0 / (b * b)), -grad)
+        dec = (-(grad @ step)).clamp_min(0.0).sqrt()
+        lengths[-1] = 1.0 / (1.0 + dec)
+        pts = b + lengths.unsqueeze(1) * step
+        positive = (pts > 0).all(1)
+        logs = torch.where(pts > 0, pts, 1.0).log().sum(1)
+        phi = 0.5 * ((pts @ a_mat) * pts).sum(1) - logs
+        phi = torch.where(positive & torch.isfinite(phi), phi, torch.inf)
+        best = pts[phi.argmin()]
+        nxt = torch.where(dec > 0.25, best, pts[full])
+        b = torch.where(torch.isfinite(nxt).all() & (nxt > 0).all(), nxt, b)
     return b
 
 

@@ -48,6 +48,7 @@ class Compose(GramianAggregator):
                 )
         self.methods = nn.ModuleList(methods)
         self.uses_activation = methods[-1].uses_activation
+        self.exact_combination = methods[-1].exact_combination  # type: ignore[misc]
         self.name = "+".join(m.name for m in methods)  # type: ignore[misc]
         self.row_scaling = all(m.row_scaling for m in methods)  # type: ignore[misc]
 
