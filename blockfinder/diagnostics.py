@@ -112,6 +112,7 @@ def measure(
                 [_Recorder(s) for s in sinks],
                 [PointStats("", []) for _ in points],
                 [None] * len(points),
+                values.values(),
             )
             model.zero_grad(set_to_none=True)
             torch.stack([v.reshape(()) for v in values.values()]).sum().backward()

@@ -38,6 +38,7 @@ DEFAULTS: dict[str, Any] = {
     "device": "auto",
     "val_every": 1,
     "rescale": True,
+    "verify": True,
     "regularizer": None,
     "compare": None,
     "devices": 1,
@@ -175,6 +176,14 @@ def build_parser() -> ArgumentParser:
         action="store_const",
         const=False,
         help="do not rescale combined gradients to the norm of the plain sum",
+    )
+    parser.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_const",
+        const=False,
+        help="skip the engines' self-check (on the first step of each input structure, surgery "
+        "with the identity combination must give plain backward's gradients)",
     )
     parser.add_argument(
         "--regularizer",
@@ -479,6 +488,7 @@ def build_run(
         weight_decay=options["weight_decay"],
         method_args=method_args,
         rescale=options["rescale"],
+        verify=options["verify"],
         device=device,
         seed=seed,
         batch_size=_batch_size(mf, options),

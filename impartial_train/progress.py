@@ -156,3 +156,6 @@ class EpochProgress(NoProgress):
                 line = f"surgery{how} at {len(parts)} branch point(s): " + "; ".join(parts)
         target = self.progress.console if self.progress is not None else self.console
         target.print(Text(line, style="dim"), soft_wrap=True)
+        # which engine runs each input structure and why, with the self-check's outcome
+        for note in imodel.engine_notes:
+            target.print(Text(f"engine: {note}", style="dim"), soft_wrap=True)

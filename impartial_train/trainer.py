@@ -191,6 +191,8 @@ class Trainer:
         model_file: path of the model file (its sha256 goes to config.json and checkpoints).
         config: extra entries for ``config.json`` (the CLI's options).
         engine: the surgery engine of :class:`~impartial_train.wrap.ImpartialModel`.
+        verify: the engines' self-check on the first step of each input structure (see
+            :class:`~impartial_train.wrap.ImpartialModel`).
         plots: write ``curves.png`` (matplotlib) at the end of ``fit`` and on Ctrl-C.
     """
 
@@ -217,6 +219,7 @@ class Trainer:
         config: Mapping[str, Any] | None = None,
         engine: str = "auto",
         plots: bool = True,
+        verify: bool = True,
     ) -> None:
         from impartial_train import distributed as dist_utils
 
@@ -276,6 +279,7 @@ class Trainer:
             # data parallelism extends the hook engine (see impartial_train.distributed)
             engine="hook" if self.distributed else engine,
             method_args=self.method_args,
+            verify=verify,
         )
         if self.distributed and not self.imodel.is_vanilla:
             import torch.distributed as dist
@@ -857,6 +861,7 @@ class Trainer:
                 "weight_decay": self.weight_decay,
                 "rescale": self.rescale,
                 "engine": self.imodel.engine_mode,
+                "verify": self.imodel.verify,
                 "device": str(self.device),
                 "seed": self.seed,
                 "batch_size": self.batch_size,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -10,20 +11,31 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from blockfinder.analyze import analyze
+from blockfinder.analyze import analyze, short_reason
 from blockfinder.context import ModuleStack, OpRecorder
 from blockfinder.errors import BlockfinderError
 from blockfinder.losses import LossesFn, call_losses, check_losses, default_losses
 from blockfinder.report import BlockReport
+from impartial_train.engine.check import (
+    SurgeryCheckError,
+    compare,
+    likely_cause,
+    parameter_gradients,
+)
 from impartial_train.engine.graph import GraphEngine, GraphProgram, GraphUnavailable
 from impartial_train.engine.hooks import (
+    IDENTITY,
+    OFF,
+    ON,
     HookEngine,
+    Installed,
     SurgeryPoint,
     plan_surgery,
     point_keys,
     point_label,
     stream_losses,
 )
+from impartial_train.engine.snapshot import Snapshot
 from impartial_train.engine.stats import PointStats
 from impartial_train.methods import Aggregator, build
 
@@ -102,8 +114,18 @@ class ImpartialModel:
     built and the hook engine otherwise. ``engine_notes`` says which engine each input structure
     got and why; ``last_engine`` which engine ran the last call. Both engines give the same
     gradients, method state and statistics, except for GradDrop: only the graph engine has the
-    forward value at a branch point, so under the hook engine (and on the first step of each
-    input structure, which plans through hooks) GradDrop runs with sign(activation) = 1.
+    forward value at a branch point, so under the hook engine GradDrop runs with
+    sign(activation) = 1.
+
+    ``verify`` (default on): on the first step of each input structure (and of each newly built
+    program) the engine checks itself against plain backward: surgery with the identity
+    combination (the streams summed through the engine's own machinery) must give the plain
+    parameter gradients. Under ``"auto"`` a graph engine that fails falls back to the hook
+    engine (checked in turn); an engine that fails with no other to take over raises
+    :class:`SurgeryCheckError` naming the branch point and a likely cause. The check costs two
+    extra backward passes on the step's own graph (the graph engine also runs the eager model
+    once), once per structure; ``engine_notes`` gives its outcome and time. User backward hooks
+    run during the check too.
     """
 
     def __init__(
@@ -117,6 +139,7 @@ class ImpartialModel:
         engine: str = "auto",
         method_args: Mapping[str, Any] | None = None,
         gramian_hook=None,
+        verify: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise BlockfinderError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -130,6 +153,8 @@ class ImpartialModel:
         self.regularizers = tuple(regularizers)
         self.rescale = rescale
         self.engine_mode = engine
+        self.verify = verify
+        self._checked: set[tuple] = set()  # structures whose hook-engine step was checked
         self.engine = HookEngine(rescale=rescale, gramian_hook=gramian_hook)
         self.graph_engine = GraphEngine()
         self._programs: dict[tuple, list[GraphProgram] | str] = {}
@@ -222,6 +247,10 @@ class ImpartialModel:
             losses = self._graph_step(batch, leaves, structure, signature)
             if losses is not None:
                 return losses
+        return self._hook_step(batch, structure, signature)
+
+    # -- the hook engine ------------------------------------------------------------------
+    def _hook_step(self, batch: Any, key: tuple, signature: tuple) -> Mapping[str, torch.Tensor]:
         self.last_engine = "plain" if self.is_vanilla else "hook"
         origin: dict[Any, tuple[str, str]] = {}
         if signature not in self._signatures:
@@ -235,8 +264,83 @@ class ImpartialModel:
             losses = self.losses_fn(self.module, batch)
         if self.is_vanilla:
             return losses
-        self._install(losses, origin)
+        names = list(losses)
+        tasks = [n for n in names if n not in self.regularizers]
+        trainable = {id(p) for p in self.module.parameters() if p.requires_grad}
+        points = plan_surgery(losses, tasks, trainable)
+        first = key not in self._checked
+        self._checked.add(key)
+        if points:
+            methods, stats, masks = self._bind(points, names, origin, losses)
+            installed = self.engine.install(
+                points, methods, stats, stream_losses(losses, names, masks), losses.values()
+            )
+        if first:
+            refused = self._programs.get(key)
+            why = (
+                "engine='hook'"
+                if self.engine_mode == "hook"
+                else f"graph engine unavailable: {refused}"
+            )
+            line = f"structure {self._structure_index(key)}: hook engine ({why})"
+            if not points:
+                line += "; no branch point"
+            elif self.verify:
+                line += f"; {self._check_hooks(key, losses, points, installed)}"
+            else:
+                line += "; self-check off"
+            self._note(line)
         return losses
+
+    def _check_hooks(
+        self,
+        key: tuple,
+        losses: Mapping[str, torch.Tensor],
+        points: list[SurgeryPoint],
+        installed: Installed,
+    ) -> str:
+        """The hook engine's self-check on this step's own graph (see engine/check.py); returns
+        its outcome for the notes, raises :class:`SurgeryCheckError` on a mismatch."""
+        start = time.perf_counter()
+        names, params = self._trainable()
+        try:
+            installed.set_mode(OFF)
+            plain = parameter_gradients(losses, params)
+            installed.set_mode(IDENTITY)
+            result = compare(names, plain, parameter_gradients(losses, params))
+        except RuntimeError as exc:
+            return f"self-check could not run ({short_reason(exc)}): unchecked"
+        finally:
+            installed.set_mode(ON)
+        result.seconds = time.perf_counter() - start
+        index = self._structure_index(key)
+        if result.passed:
+            return result.describe()
+        where = self._culprit(losses, params, names, plain, points, installed)
+        graph = self._programs.get(key)
+        other = (
+            "; the graph engine was not tried (engine='hook')"
+            if self.engine_mode == "hook"
+            else f"; the graph engine cannot take over ({graph})"
+        )
+        raise SurgeryCheckError(
+            f"surgery self-check failed on input structure {index}: under the hook engine, "
+            f"{where}, the {result.describe()}{other}; please report the model "
+            "(verify=False / --no-verify skips this check)"
+        )
+
+    def _culprit(self, losses, params, names, plain, points, installed) -> str:
+        """The first branch point whose identity combination alone changes the gradients, and a
+        likely cause."""
+        try:
+            for position, point in enumerate(points):
+                installed.set_mode(IDENTITY, only=position)
+                if not compare(names, plain, parameter_gradients(losses, params)).passed:
+                    label = self._labels[point_keys(points, list(losses))[position]]
+                    return f"at branch point {label} (likely cause: {likely_cause(point)})"
+        finally:
+            installed.set_mode(ON)
+        return "where several branch points act together"
 
     # -- the graph engine -----------------------------------------------------------------
     def _graph_step(
@@ -253,7 +357,7 @@ class ImpartialModel:
                 continue  # another program serves this combination of train/eval modes
             stale = program.guards.changed()
             if stale is None:
-                return self._run_program(program, batch, leaves, signature)
+                return self._run_program(program, batch, leaves, signature, key)
             programs.remove(program)
             count = self._retraces[key] = self._retraces.get(key, 0) + 1
             self._note(f"structure {self._structure_index(key)}: re-traced, {stale}")
@@ -277,48 +381,105 @@ class ImpartialModel:
                     "engine='hook' (or 'auto' to fall back to it)"
                 ) from exc
             return self._refuse(key, str(exc))
-        self._signatures.add(signature)
-        losses = planned.losses
-        entries = self._install(losses, planned.origin, planned.points)
-        self.last_engine = "graph"
-        if planned.program is None:
+        program = planned.program
+        if program is None:
             if self.engine_mode == "graph":
                 raise GraphUnavailable(
                     f"graph engine unavailable for this input structure: {planned.reason}; use "
                     "engine='hook' (or 'auto' to fall back to it)"
                 )
-            self.last_engine = "hook"
-            self._refuse(key, planned.reason or "unknown")
-            return losses
-        planned.program.bind(*entries)
-        self._programs[key] = [*programs[-(MAX_PROGRAMS - 1) :], planned.program]
-        self._note(
-            f"structure {self._structure_index(key)}: graph engine ({planned.program.describe()})"
-        )
-        return losses
+            return self._refuse(key, planned.reason or "unknown")
+        if program.module is not None:
+            names = list(planned.losses)
+            program.bind(*self._bind(planned.points, names, planned.origin, planned.losses))
+        del planned
+        self._programs[key] = [*programs[-(MAX_PROGRAMS - 1) :], program]
+        if program.module is None or not self.verify:
+            checked = "self-check off" if program.module is not None else "nothing to check"
+            self._note(
+                f"structure {self._structure_index(key)}: graph engine ({program.describe()}); "
+                + checked
+            )
+        return self._run_program(program, batch, leaves, signature, key)
 
     def _run_program(
-        self, program: GraphProgram, batch: Any, leaves: list[Any], signature: tuple
-    ) -> Mapping[str, torch.Tensor]:
+        self, program: GraphProgram, batch: Any, leaves: list[Any], signature: tuple, key: tuple
+    ) -> Mapping[str, torch.Tensor] | None:
         if program.module is None:  # no branch point: the model itself
             losses = self.losses_fn(self.module, batch)
         else:
             tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
-            losses = self.graph_engine.run(
-                program, tensors, self.engine.rescale, self.engine.gramian_hook
-            )
+            if self.verify and not program.checked:
+                checked = self._check_program(program, batch, tensors, key)
+                if checked is None:
+                    return None
+                losses = checked
+            else:
+                losses, _ = self.graph_engine.run(
+                    program, tensors, self.engine.rescale, self.engine.gramian_hook
+                )
         if signature not in self._signatures:
             check_losses(losses)
             self._signatures.add(signature)
         self.last_engine = "graph"
         return losses
 
-    def _refuse(self, key: tuple, reason: str) -> None:
-        self._programs[key] = reason
-        self._note(
-            f"structure {self._structure_index(key)}: hook engine (graph engine unavailable: "
-            f"{reason})"
+    def _check_program(
+        self, program: GraphProgram, batch: Any, tensors: list[torch.Tensor], key: tuple
+    ) -> Mapping[str, torch.Tensor] | None:
+        """The graph engine's self-check: the eager model's plain backward against the program's
+        identity combination, on the same random numbers and buffers. Returns the program's
+        losses (this step's forward) or None when the hook engine must take over."""
+        start = time.perf_counter()
+        names, params = self._trainable()
+        snapshot = Snapshot(self.module)
+        eager = self.losses_fn(self.module, batch)
+        plain = parameter_gradients(eager, params)
+        eager_values = {k: v.detach() for k, v in eager.items()}
+        del eager
+        snapshot.restore()
+        losses, step = self.graph_engine.run(
+            program, tensors, self.engine.rescale, self.engine.gramian_hook, mode=IDENTITY
         )
+        try:
+            got = parameter_gradients(losses, params)
+        finally:
+            step.mode = ON
+        result = compare(names, plain, got)
+        result.seconds = time.perf_counter() - start
+        program.checked = True
+        index = self._structure_index(key)
+        if result.passed:
+            self._note(
+                f"structure {index}: graph engine ({program.describe()}); {result.describe()}"
+            )
+            return losses
+        same = all(
+            k in losses and torch.allclose(v, losses[k].detach(), rtol=1e-5, atol=1e-7)
+            for k, v in eager_values.items()
+        )
+        cause = (
+            "the traced program records other gradient paths than the model, e.g. "
+            "requires_grad_ toggled, a hook or an in-place change inside forward"
+            if same
+            else "the traced program computes other losses than the model: it froze a value "
+            "or a branch of Python control flow"
+        )
+        reason = f"its self-check failed: the {result.describe()}; likely cause: {cause}"
+        if self.engine_mode == "graph":
+            raise SurgeryCheckError(
+                f"surgery self-check failed on input structure {index}: under the graph engine, "
+                f"the {result.describe()} (likely cause: {cause}); use engine='hook' or 'auto'"
+            )
+        del losses
+        snapshot.restore()
+        self._refuse(key, reason)
+        return None
+
+    def _refuse(self, key: tuple, reason: str) -> None:
+        """The graph engine gives this structure up (the hook engine's first step notes why)."""
+        self._programs[key] = reason
+        self._checked.discard(key)
         return None
 
     def _note(self, line: str) -> None:
@@ -328,22 +489,19 @@ class ImpartialModel:
     def _structure_index(self, key: tuple) -> int:
         return self._structure_indices.setdefault(key, len(self._structure_indices) + 1)
 
-    def _install(
+    def _trainable(self) -> tuple[list[str], list[nn.Parameter]]:
+        named = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+        return [n for n, _ in named], [p for _, p in named]
+
+    def _bind(
         self,
-        losses: Mapping[str, torch.Tensor],
+        points: list[SurgeryPoint],
+        names: list[str],
         origin: Mapping[Any, Any],
-        points: list[SurgeryPoint] | None = None,
+        losses: Mapping[str, torch.Tensor],
     ) -> tuple[list[Aggregator], list[PointStats], list[torch.Tensor | None]]:
-        """Plan (unless ``points`` are given) and install the hook engine on this step's graph.
-        Returns each point's method, statistics and loss mask (streams x losses; None where the
-        method does not read the losses)."""
-        names = list(losses)
-        if points is None:
-            tasks = [n for n in names if n not in self.regularizers]
-            trainable = {id(p) for p in self.module.parameters() if p.requires_grad}
-            points = plan_surgery(losses, tasks, trainable)
-        if not points:
-            return [], [], []
+        """Each point's method (built at its first sight), statistics and loss mask (streams x
+        losses; None where the method does not read the losses)."""
         methods, stats, masks_of = [], [], []
         for point, key in zip(points, point_keys(points, names)):
             streams = key[2]
@@ -375,8 +533,6 @@ class ImpartialModel:
                 if getattr(method, "uses_losses", True)
                 else None
             )
-        losses_of = stream_losses(losses, names, masks_of)
-        self.engine.install(points, methods, stats, losses_of)
         return methods, stats, masks_of
 
 
@@ -397,4 +553,11 @@ def wrap(
     return ImpartialModel(model, example_batch, losses, method, regularizers, rescale, **kwargs)
 
 
-__all__ = ["GraphUnavailable", "ImpartialModel", "SurgeryPoint", "input_signature", "wrap"]
+__all__ = [
+    "GraphUnavailable",
+    "ImpartialModel",
+    "SurgeryCheckError",
+    "SurgeryPoint",
+    "input_signature",
+    "wrap",
+]

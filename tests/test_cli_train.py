@@ -57,6 +57,9 @@ def test_train_writes_all_outputs(tmp_path):
         "training summary" in proc.stdout
         and "at 1 branch point(s): bp0:tanh@trunk.1" in proc.stdout
     )
+    # the first lines say which engine runs and the outcome of its self-check
+    assert "engine: structure 1: graph engine (1 branch point(s)" in proc.stdout
+    assert "self-check passed" in proc.stdout
     config = json.loads((out / "config.json").read_text())
     options = config["options"]
     assert options["method"] == "imtl-g" and options["epochs"] == 2 and options["lr"] == 0.01
@@ -192,6 +195,16 @@ def test_default_out_and_resume_of_the_latest_run(tmp_path, monkeypatch, capsys)
     )
     assert main([TINY, "--resume", "--epochs", "2"]) == 0
     assert [r["epoch"] for r in rows(run_dir) if r["split"] == "train"] == [1, 2]
+
+
+def test_no_verify_switches_the_self_check_off(tmp_path, capsys):
+    out = tmp_path / "nv"
+    assert (
+        main([TINY, "--method", "imtl-g", "--epochs", "1", "--no-verify", "--out", str(out)]) == 0
+    )
+    assert "self-check off" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert config["options"]["verify"] is False and config["trainer"]["verify"] is False
 
 
 def test_help_and_version(capsys):

@@ -33,7 +33,9 @@ class Weighted(nn.Module):
 def install(losses, model, tasks, methods, rescale=False):
     points = plan_surgery(losses, tasks, {id(p) for p in model.parameters()})
     stats = [PointStats("", []) for _ in points]
-    HookEngine(rescale=rescale).install(points, methods[: len(points)], stats, [None] * len(points))
+    HookEngine(rescale=rescale).install(
+        points, methods[: len(points)], stats, [None] * len(points), losses.values()
+    )
     return points, stats
 
 

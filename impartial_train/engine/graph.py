@@ -22,7 +22,6 @@ then uses the hook engine).
 from __future__ import annotations
 
 import operator
-import random
 import sys
 import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -47,7 +46,20 @@ from blockfinder.fx_capture import (
 )
 from blockfinder.losses import LossesFn, check_losses
 from impartial_train.engine.combine import combine_streams
-from impartial_train.engine.hooks import SurgeryPoint, plan_surgery, point_label, stream_losses
+from impartial_train.engine.hooks import (
+    ON,
+    SurgeryPoint,
+    plan_surgery,
+    point_label,
+    stream_losses,
+)
+from impartial_train.engine.snapshot import (
+    Snapshot,
+    cuda_devices,
+    restore_rng,
+    rng_changed,
+    rng_state,
+)
 from impartial_train.engine.stats import PointStats
 
 
@@ -144,6 +156,8 @@ class StepState:
     losses: list[torch.Tensor | None]
     rescale: bool = True
     gramian_hook: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # "on": surgery; "identity" (the self-check) or "off": the streams' plain sum
+    mode: str = ON
 
 
 class Branch(torch.autograd.Function):
@@ -163,6 +177,9 @@ class Branch(torch.autograd.Function):
     def backward(ctx, *grads: torch.Tensor | None):  # type: ignore[override]
         step: StepState = ctx.step
         i = ctx.index
+        if step.mode != ON:
+            parts = [g for g in grads if g is not None]
+            return (torch.stack(parts).sum(0) if parts else None), None, None, None
         combined = combine_streams(
             list(grads),
             step.methods[i],
@@ -344,46 +361,6 @@ def _collect_guards(model: nn.Module, losses_fn: Any, graph: fx.Graph, objects: 
 # Tracing without side effects
 
 
-def _cuda_devices(model: nn.Module) -> list[int]:
-    """The CUDA devices holding the model's parameters (whose RNG a traced step may consume)."""
-    return sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
-
-
-def _rng_state(devices: Sequence[int]) -> tuple:
-    numpy = sys.modules.get("numpy")
-    return (
-        torch.get_rng_state(),
-        [torch.cuda.get_rng_state(d) for d in devices],
-        random.getstate(),
-        numpy.random.get_state() if numpy is not None else None,
-    )
-
-
-def _rng_changed(before: tuple, after: tuple) -> list[str]:
-    changed = []
-    if not torch.equal(before[0], after[0]) or any(
-        not torch.equal(a, b) for a, b in zip(before[1], after[1])
-    ):
-        changed.append("torch")
-    if before[2] != after[2]:
-        changed.append("Python 'random'")
-    if before[3] is not None and after[3] is not None:
-        numpy = sys.modules["numpy"]
-        if any(not numpy.array_equal(a, b) for a, b in zip(before[3], after[3])):
-            changed.append("numpy")
-    return changed
-
-
-def _restore_rng(state: tuple, devices: Sequence[int]) -> None:
-    torch.set_rng_state(state[0])
-    for device, s in zip(devices, state[1]):
-        torch.cuda.set_rng_state(s, device)
-    random.setstate(state[2])
-    numpy = sys.modules.get("numpy")
-    if numpy is not None and state[3] is not None:
-        numpy.random.set_state(state[3])
-
-
 @contextmanager
 def _no_model_side_effects(model: nn.Module, changes: list[str]) -> Iterator[None]:
     """Snapshot the modules' attribute dicts; on exit restore them and list what had changed
@@ -421,9 +398,9 @@ def trace_program(
     flat = flatten_batch(batch)
     harness = Harness(model, losses_fn, flat)
     tracer = GraphTracer(model)
-    devices = _cuda_devices(model)
+    devices = cuda_devices(model)
     changes: list[str] = []
-    before = _rng_state(devices)
+    before = rng_state(devices)
     try:
         with (
             _no_model_side_effects(model, changes),
@@ -433,12 +410,12 @@ def trace_program(
         ):
             graph = tracer.trace(harness, concrete_args=tuple(fx.PH for _ in flat.tensor_positions))
     except Exception as exc:
-        _restore_rng(before, devices)
+        restore_rng(before, devices)
         lines = str(exc).strip().splitlines()
         first = lines[0] if lines else ""
         raise GraphUnavailable(f"tracing failed: {type(exc).__name__}: {first}") from exc
-    drawn = _rng_changed(before, _rng_state(devices))
-    _restore_rng(before, devices)
+    drawn = rng_changed(before, rng_state(devices))
+    restore_rng(before, devices)
     if changes:
         raise GraphUnavailable(
             f"the forward pass changes the model's attributes ({', '.join(changes[:3])}); a traced "
@@ -839,6 +816,7 @@ class GraphProgram:
     methods: list[nn.Module] = field(default_factory=list)
     stats: list[PointStats] = field(default_factory=list)
     masks: list[torch.Tensor | None] = field(default_factory=list)
+    checked: bool = False  # the self-check ran on it
 
     def bind(self, methods: Sequence[nn.Module], stats: Sequence[PointStats], masks) -> None:
         """The method, statistics and loss masks (streams x losses; None: the method does not
@@ -859,8 +837,8 @@ class GraphProgram:
 
 @dataclass
 class Planned:
-    """The result of the planning step: this step's losses, the plan on its autograd graph (for
-    the hook engine to apply to this step) and the program for later steps (None: refused)."""
+    """The result of the planning step: the replay's losses and the plan on its autograd graph
+    (branch points, keys and labels) and the program (None: refused, ``reason`` says why)."""
 
     losses: dict[str, torch.Tensor]
     points: list[SurgeryPoint]
@@ -879,29 +857,26 @@ class GraphEngine:
         batch: Any,
         regularizers: Sequence[str],
     ) -> Planned:
-        """Trace, replay (this step's forward) and plan; rewrite for later steps.
+        """Trace, replay and plan; rewrite.
 
-        Raises :class:`GraphUnavailable` when tracing fails (nothing has run: the caller can run
-        the step eagerly). After the replay, a refusal is returned in ``Planned.reason``.
+        Leaves the random number generators and buffers as they were (the step's forward is
+        still to run). Raises :class:`GraphUnavailable` when tracing or the replay fails; a
+        refusal after the replay is returned in ``Planned.reason``.
         """
         graph, harness, tensors, leaves = trace_program(model, losses_fn, batch)
         modules = ModuleStack(model)
         where = _Where(modules)
         replay = PlanReplay(harness, graph, where)
         replay.leaves = leaves
-        devices = _cuda_devices(model)
-        state = _rng_state(devices)
-        buffers = [(b, b.detach().clone()) for b in model.buffers()]
+        # the replay serves the planning only: the step's forward runs afterwards, on the same
+        # random numbers and buffers
+        snapshot = Snapshot(model)
         recorder = OpRecorder(where)  # type: ignore[arg-type]
         previous = torch.is_grad_enabled()
         try:
             with modules, recorder:
                 out = replay.run(*tensors)
         except Exception as exc:
-            _restore_rng(state, devices)
-            with torch.no_grad():
-                for buffer, saved in buffers:
-                    buffer.copy_(saved)
             lines = str(exc).strip().splitlines()
             raise GraphUnavailable(
                 "the traced program failed on the batch: "
@@ -909,7 +884,7 @@ class GraphEngine:
             ) from exc
         finally:
             torch._C._set_grad_enabled(previous)
-        del buffers
+            snapshot.restore()
         losses = check_losses(out)
         names = list(losses)
         tasks = [n for n in names if n not in regularizers]
@@ -952,15 +927,18 @@ class GraphEngine:
         tensors: Sequence[torch.Tensor],
         rescale: bool,
         gramian_hook: Callable | None,
-    ) -> dict[str, torch.Tensor]:
-        """One forward of the rewritten program; the Branch nodes aggregate in its backward."""
+        mode: str = ON,
+    ) -> tuple[dict[str, torch.Tensor], StepState]:
+        """One forward of the rewritten program; the Branch nodes aggregate in its backward as
+        the returned step state's ``mode`` says when it runs."""
         step = StepState(program.methods, program.stats, [None] * program.points, rescale)
         step.gramian_hook = gramian_hook
+        step.mode = mode
         assert program.module is not None
         with torch.enable_grad():
             out = program.module(*tensors, step)
         step.losses = stream_losses(out, program.names, program.masks)
-        return out
+        return out, step
 
 
 def _flatten_module_targets(graph: fx.Graph, objects: dict[str, Any]) -> None:

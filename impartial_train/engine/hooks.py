@@ -12,7 +12,8 @@ and imposes nothing on the user's tensors.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -199,29 +200,113 @@ def _plan_point(value, walked, value_reach, node_reach, task_mask) -> SurgeryPoi
     )
 
 
+# How the hooks of one installation treat a backward pass (see ``Installed.mode``).
+ON, IDENTITY, OFF = "on", "identity", "off"
+
+
+class _Switch:
+    """The mode of one point's hooks: ``on`` (surgery), ``identity`` (the streams are summed
+    through the same machinery: the self-check) or ``off`` (the hooks pass every gradient
+    through untouched: plain backward)."""
+
+    __slots__ = ("mode",)
+
+    def __init__(self) -> None:
+        self.mode = ON
+
+
+class _Consumers:
+    """The autograd consumers each point intercepts, for counting how many will run in a backward.
+
+    Held only by the losses' own autograd nodes (their ``metadata``) and weakly by the hooks:
+    consumers have no edge back to the losses, so the step's graph and this object are freed
+    together by reference counting (a strong reference from a hook would form a cycle through
+    C++ edges that Python's garbage collector cannot see).
+    """
+
+    def __init__(self, nodes: list[list[Any]]) -> None:
+        self.nodes = nodes
+
+
 @dataclass
 class _PointRun:
     """The state of one branch point during one backward pass.
 
-    The hooks on the autograd graph hold it, so it must not hold the graph's nodes (through the
-    ``SurgeryPoint``): the graph and its hooks would keep each other alive after the step, out
-    of reach of Python's garbage collector. ``index`` is the point's output slot of its node,
-    ``parameter`` whether the node accumulates into a parameter.
+    The hooks on the autograd graph hold it, so it must not hold the graph's nodes (see
+    :class:`_Consumers`). ``index`` is the point's output slot of its node, ``parameter`` whether
+    the node accumulates into a parameter, ``position`` the point's entry in ``_Consumers``.
     """
 
     index: int
     parameter: bool
+    position: int
     method: torch.nn.Module
     stats: PointStats
     losses: torch.Tensor | None
+    switch: _Switch
+    consumers: Callable[[], _Consumers | None]
     stash: list[torch.Tensor | None] = field(default_factory=list)
     bypass: torch.Tensor | None = None
-    # the zero-strided gradient sent to the point's node in place of the first stream's
-    placeholder: torch.Tensor | None = None
+    # the backward pass (autograd graph task) in progress and how many of the point's
+    # intercepted consumers have still to run in it (None: no countdown, gradients pass as they are)
+    task: int = -2
+    remaining: int | None = None
+    like: torch.Tensor | None = None  # a gradient of the value, for shape and dtype
+
+    def begin(self) -> bool:
+        """Called by every hook of the point: starts the countdown at the first hook of a new
+        backward pass. False: this backward passes the point's gradients through untouched."""
+        if self.switch.mode == OFF:
+            return False
+        task = torch._C._current_graph_task_id()
+        if task != self.task:
+            self.task = task
+            self.stash = [None] * len(self.stash)
+            self.bypass = self.like = None
+            holder = self.consumers()
+            # a backward from something other than the losses, after they were freed: the
+            # intercepted consumers cannot be counted, so nothing is intercepted
+            self.remaining = (
+                None
+                if holder is None
+                else sum(map(torch._C._will_engine_execute_node, holder.nodes[self.position]))
+            )
+        return self.remaining is not None
+
+    def add(self, stream: int, grad: torch.Tensor) -> None:
+        if stream < 0:
+            self.bypass = grad if self.bypass is None else self.bypass + grad
+        else:
+            previous = self.stash[stream]
+            self.stash[stream] = grad if previous is None else previous + grad
+        if self.like is None:
+            self.like = grad
+
+
+class Installed:
+    """The hooks of one step. ``set_mode`` switches them between surgery, the identity
+    combination and plain backward (the self-check runs the same graph in all three), for every
+    point or (``only``) for one point while the others pass gradients through."""
+
+    def __init__(self, runs: list[_PointRun]) -> None:
+        self.runs = runs
+
+    def set_mode(self, mode: str, only: int | None = None) -> None:
+        for position, run in enumerate(self.runs):
+            run.switch.mode = mode if only is None or position == only else OFF
 
 
 class HookEngine:
-    """Installs the hooks of :func:`plan_surgery`'s points on one step's autograd graph."""
+    """Installs the hooks of :func:`plan_surgery`'s points on one step's autograd graph.
+
+    Each intercepted consumer of a branch value moves its contribution into its stream's stash
+    and hands the value's node nothing, except the *last* of them to run in the backward pass
+    (counted with the engine's own bookkeeping of which nodes will execute): it hands the
+    combined gradient. So the value's node receives the combined gradient plus the regularizers'
+    contributions, which pass untouched, before anything else sees the value's gradient: tensor
+    hooks and ``retain_grad`` on the value and module backward hooks on the module that produced
+    it see the combined total, as the semantics of surgery ask.
+    """
 
     def __init__(self, rescale: bool = True, gramian_hook: Callable | None = None) -> None:
         self.rescale = rescale
@@ -234,62 +319,88 @@ class HookEngine:
         methods: Sequence[torch.nn.Module],
         stats: Sequence[PointStats],
         stream_losses: Sequence[torch.Tensor | None],
-    ) -> None:
-        runs = [
-            _PointRun(
-                index=p.index,
-                parameter=getattr(p.node, "variable", None) is not None,
-                method=m,
-                stats=s,
-                losses=lo,
-                stash=[None] * len(p.streams),
+        roots: Iterable[torch.Tensor],
+    ) -> Installed:
+        """Install the hooks; ``roots`` are the loss tensors (their autograd nodes keep the
+        bookkeeping of the hooks alive exactly as long as the graph)."""
+        consumer_nodes: list[list[Any]] = []
+        holder = _Consumers(consumer_nodes)
+        reference = weakref.ref(holder)
+        runs = []
+        for position, (p, m, s, lo) in enumerate(zip(points, methods, stats, stream_losses)):
+            nodes = list(dict.fromkeys([c for c, _, _ in p.consumers + p.split_consumers]))
+            consumer_nodes.append(nodes)
+            runs.append(
+                _PointRun(
+                    index=p.index,
+                    parameter=getattr(p.node, "variable", None) is not None,
+                    position=position,
+                    method=m,
+                    stats=s,
+                    losses=lo,
+                    switch=_Switch(),
+                    consumers=reference,
+                    stash=[None] * len(p.streams),
+                )
             )
-            for p, m, s, lo in zip(points, methods, stats, stream_losses)
-        ]
-        post: dict[Any, list[tuple[int, _PointRun, int | None]]] = {}
+        for root in roots:
+            node = root.grad_fn
+            if node is not None:
+                node.metadata["impartial_consumers"] = holder
+        post: dict[Any, list[tuple[_PointRun, list[int], int | None]]] = {}
         pre_split: dict[Any, list[tuple[list[int], _PointRun, dict[int, list[int]]]]] = {}
-        targets: dict[Any, list[_PointRun]] = {}
         for run, point in zip(runs, points):
-            targets.setdefault(point.node, []).append(run)
             for consumer, slots, stream in point.consumers:
-                for slot in slots:
-                    post.setdefault(consumer, []).append((slot, run, stream))
+                post.setdefault(consumer, []).append((run, slots, stream))
             for consumer, slots, groups in point.split_consumers:
                 pre_split.setdefault(consumer, []).append((slots, run, groups))
-                for slot in slots:
-                    post.setdefault(consumer, []).append((slot, run, None))
+                post.setdefault(consumer, []).append((run, slots, None))
         for consumer, entries in pre_split.items():
             consumer.register_prehook(_split_prehook(consumer, entries))
         for consumer, entries in post.items():
-            consumer.register_hook(_consumer_hook(entries))
-        for node, node_runs in targets.items():
-            node.register_prehook(self._target_prehook(node_runs))
+            consumer.register_hook(self._consumer_hook(entries))
+        return Installed(runs)
 
-    def _target_prehook(self, runs: list[_PointRun]):
-        def hook(grad_outputs):
-            grads = list(grad_outputs)
+    def _consumer_hook(self, entries: list[tuple[_PointRun, list[int], int | None]]):
+        def hook(grad_inputs, grad_outputs):
+            grads = list(grad_inputs)
             changed = False
-            for run in runs:
-                combined = self._combine(run)
-                # this backward is over for the point: a later one (retain_graph) starts afresh
-                bypass, placeholder = run.bypass, run.placeholder
-                run.bypass = run.placeholder = None
-                if combined is None and bypass is None:
+            for run, slots, stream in entries:
+                if not run.begin():
                     continue
-                current = grads[run.index]
-                # current holds the regularizer streams (plus the placeholder; just the
-                # placeholder when no regularizer reaches the point), bypass the
-                # regularizer-only parts of split consumers: neither goes through the method
-                total = None if current is placeholder else current
-                for part in (combined, bypass):
-                    if part is not None:
-                        part = part.reshape(current.shape).to(current.dtype)
-                        total = part if total is None else total + part
-                grads[run.index] = total
                 changed = True
+                for slot in slots:
+                    grad = grads[slot]
+                    if grad is not None:
+                        if stream is not None:  # (split consumers: added in their pre-hook)
+                            run.add(stream, grad)
+                        elif run.like is None:
+                            run.like = grad
+                        grads[slot] = None
+                run.remaining -= 1
+                if run.remaining == 0:
+                    grads[slots[0]] = self._finish(run)
             return tuple(grads) if changed else None
 
         return hook
+
+    def _finish(self, run: _PointRun) -> torch.Tensor | None:
+        """The point's gradient once every intercepted consumer has run: the combined streams
+        plus the regularizer-only parts of split consumers."""
+        if run.switch.mode == IDENTITY:
+            parts = [g for g in run.stash if g is not None]
+            combined = torch.stack(parts).sum(0) if parts else None
+            run.stash = [None] * len(run.stash)
+        else:
+            combined = self._combine(run)
+        like, bypass = run.like, run.bypass
+        run.like = run.bypass = None
+        total = None
+        for part in (combined, bypass):
+            if part is not None:
+                part = part.reshape(like.shape).to(like.dtype)
+                total = part if total is None else total + part
+        return total
 
     def _combine(self, run: _PointRun) -> torch.Tensor | None:
         stash, run.stash = run.stash, [None] * len(run.stash)
@@ -298,32 +409,13 @@ class HookEngine:
         )
 
 
-def _consumer_hook(entries: list[tuple[int, _PointRun, int | None]]):
-    def hook(grad_inputs, grad_outputs):
-        grads = list(grad_inputs)
-        for slot, run, stream in entries:
-            grad = grads[slot]
-            if grad is None:
-                continue
-            if stream is not None:
-                previous = run.stash[stream]
-                run.stash[stream] = grad if previous is None else previous + grad
-            if run.placeholder is not None:
-                grads[slot] = None
-            else:
-                # The engine must still see a defined gradient for the target; a zero-strided
-                # placeholder costs no memory and is replaced in the target's pre-hook.
-                grads[slot] = run.placeholder = grad.new_zeros(()).expand_as(grad)
-        return tuple(grads)
-
-    return hook
-
-
 def _split_prehook(node, entries):
     """For multi-output consumers with outputs in different streams: one call per stream."""
 
     def hook(grad_outputs):
         for slots, run, groups in entries:
+            if not run.begin():
+                continue
             for stream, outs in groups.items():
                 masked = [g if i in outs else None for i, g in enumerate(grad_outputs)]
                 if all(g is None for g in masked):
@@ -333,13 +425,8 @@ def _split_prehook(node, entries):
                     contribution = (contribution,)
                 for slot in slots:
                     grad = contribution[slot]
-                    if grad is None:
-                        continue
-                    if stream < 0:
-                        run.bypass = grad if run.bypass is None else run.bypass + grad
-                    else:
-                        prev = run.stash[stream]
-                        run.stash[stream] = grad if prev is None else prev + grad
+                    if grad is not None:
+                        run.add(stream, grad)
         return None
 
     return hook
