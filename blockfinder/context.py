@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -13,9 +15,12 @@ from torch.overrides import TorchFunctionMode
 
 @contextlib.contextmanager
 def preserved_modules(model: nn.Module) -> Iterator[None]:
-    """Restore every module's training flag and hook dictionaries after the block."""
+    """Restore every module's training flag and hook dictionaries, and every parameter's
+    ``requires_grad`` (a forward that freezes parameters may stop before unfreezing them), after
+    the block."""
     modules = list(model.modules())
     training = [m.training for m in modules]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
     hook_attrs = (
         "_forward_hooks",
         "_forward_pre_hooks",
@@ -31,6 +36,8 @@ def preserved_modules(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         torch._C._set_grad_enabled(grad_enabled)
+        for param, flag in flags:
+            param.requires_grad_(flag)
         for module, flag, saved in zip(modules, training, hooks):
             module.training = flag
             for attr, value in saved.items():
@@ -116,3 +123,58 @@ def _function_name(func: object) -> str:
     if name == "__get__":  # properties such as Tensor.T
         name = getattr(getattr(func, "__self__", None), "__name__", name)
     return name.strip("_") or name
+
+
+class HooksWithoutGrad(TorchFunctionMode):
+    """``register_hook`` and ``retain_grad`` on a tensor that does not require grad do nothing
+    (no backward could ever call them) instead of raising, as they do under ``no_grad``."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _HOOK_REGISTRATIONS and args and not args[0].requires_grad:
+            return _NoHandle() if func is torch.Tensor.register_hook else None
+        return func(*args, **(kwargs or {}))
+
+
+class _NoHandle:
+    """What ``register_hook`` returns for a hook that was never registered."""
+
+    def remove(self) -> None:
+        pass
+
+
+_HOOK_REGISTRATIONS = (torch.Tensor.register_hook, torch.Tensor.retain_grad)
+_HOOK_ERRORS = ("cannot register a hook on a tensor that doesn't require gradient", "retain_grad")
+# models seen registering hooks unconditionally: they run under HooksWithoutGrad from then on
+_UNCONDITIONAL_HOOKS: weakref.WeakSet = weakref.WeakSet()
+T = TypeVar("T")
+
+
+def run_without_grad(fn: Callable[..., T], model: Any, *args: Any) -> T:
+    """``fn(model, *args)`` under ``torch.no_grad()`` (validation, evaluation, probes).
+
+    Research code often registers tensor hooks whatever the grad mode (MultiVae's DReG
+    objectives), which PyTorch refuses under ``no_grad``; such a model runs again with those
+    registrations ignored (:class:`HooksWithoutGrad`), and is remembered so that later calls go
+    straight there. Other models pay nothing."""
+    with torch.no_grad():
+        if model in _UNCONDITIONAL_HOOKS:
+            with HooksWithoutGrad():
+                return fn(model, *args)
+        try:
+            return fn(model, *args)
+        except Exception as exc:  # (a wrapper may have turned it into a one-line user error)
+            if not _refused_hook(exc):
+                raise
+        _UNCONDITIONAL_HOOKS.add(model)
+        with HooksWithoutGrad():
+            return fn(model, *args)
+
+
+def _refused_hook(exc: BaseException | None) -> bool:
+    """``exc``, or an exception it was raised from, is PyTorch refusing a hook under no_grad."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, RuntimeError) and any(text in str(exc) for text in _HOOK_ERRORS):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False

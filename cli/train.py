@@ -446,8 +446,8 @@ def build_run(
     """Seed, build the model and datasets, probe the losses once, make the Trainer.
 
     Returns (trainer, train dataset, val dataset or None, evaluate or None)."""
-    import torch
 
+    from blockfinder.context import run_without_grad
     from cli.loader import (
         call_build_model,
         call_example_batch,
@@ -473,8 +473,7 @@ def build_run(
         model.to(device)
         model.train()
         saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        with torch.no_grad():
-            names = list(losses_fn(model, batch))
+        names = list(run_without_grad(losses_fn, model, batch))
         model.load_state_dict(saved)
         regularizers = _regularizers(regularizers, mf, names)
     method_args = _accepted_args(method, parse_method_args(options["method_arg"]))

@@ -51,6 +51,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from blockfinder.atomic import atomic_write
+from blockfinder.context import run_without_grad
 from impartial_train.checkpoint import (
     FORMAT,
     TrainingInterrupted,
@@ -609,11 +610,10 @@ class Trainer:
             row: dict[str, Any] | None = None
             if val_loader is not None:
                 state = EpochState()
-                with torch.no_grad():
-                    for batch in _batches(iter(val_loader), "validation"):
-                        batch = to_device(batch, self.device)
-                        losses = self.losses_fn(self.model, batch)
-                        state.add_losses(losses, batch_size_of(batch))
+                for batch in _batches(iter(val_loader), "validation"):
+                    batch = to_device(batch, self.device)
+                    losses = run_without_grad(self.losses_fn, self.model, batch)
+                    state.add_losses(losses, batch_size_of(batch))
                 if state.count:
                     means = (state.sums / state.count).tolist()
                     row = {"epoch": epoch, "split": "val"}
@@ -621,8 +621,7 @@ class Trainer:
                     row["total"] = float(sum(means))
                     row["examples"] = state.count
             if evaluate is not None:
-                with torch.no_grad():
-                    metrics = evaluate(self.model, eval_loader)
+                metrics = run_without_grad(evaluate, self.model, eval_loader)
                 metrics = self._check_metrics(metrics)
                 target = row if row is not None else self._row(epoch, "train")
                 for key, value in metrics.items():

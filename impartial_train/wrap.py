@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from blockfinder.analyze import analyze, short_reason
-from blockfinder.context import ModuleStack, OpRecorder
+from blockfinder.context import ModuleStack, OpRecorder, run_without_grad
 from blockfinder.errors import BlockfinderError
 from blockfinder.losses import LossesFn, call_losses, check_losses, default_losses
 from blockfinder.report import BlockReport
@@ -237,7 +237,10 @@ class ImpartialModel:
 
     # -- the step --------------------------------------------------------------------------
     def __call__(self, batch: Any) -> Mapping[str, torch.Tensor]:
-        if not self.module.training or not torch.is_grad_enabled():
+        if not torch.is_grad_enabled():
+            self.last_engine = "plain"
+            return run_without_grad(self.losses_fn, self.module, batch)
+        if not self.module.training:
             self.last_engine = "plain"
             return self.losses_fn(self.module, batch)
         leaves, spec = _flatten(batch)

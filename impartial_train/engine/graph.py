@@ -82,13 +82,40 @@ class GraphTracer(BlockTracer):
         super().__init__(model)
         self.leaves: dict[str, str] = {}
         self._parameter_cache: dict[str, Any] | None = None
+        # parameters trainable when tracing starts: one the forward freezes with
+        # ``requires_grad_(False)`` is read through ``detach`` while it is frozen, as autograd
+        # records it (a constant), and the program does the same at every step
+        self._trainable = {id(p) for p in model.parameters() if p.requires_grad}
+        self._frozen: dict[fx.Node, fx.Node] = {}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return module_qualified_name in self.leaves
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
         self._parameter_cache = parameter_proxy_cache
-        return super().getattr(attr, attr_val, parameter_proxy_cache)
+        proxy = super().getattr(attr, attr_val, parameter_proxy_cache)
+        if isinstance(proxy, fx.Proxy) and self._is_frozen(attr_val):
+            return self.proxy(self._frozen_node(proxy.node))
+        return proxy
+
+    def create_arg(self, a: Any) -> Any:
+        arg = super().create_arg(a)
+        if isinstance(arg, fx.Node) and arg.op == "get_attr" and self._is_frozen(a):
+            return self._frozen_node(arg)
+        return arg
+
+    def _is_frozen(self, value: Any) -> bool:
+        return (
+            isinstance(value, nn.Parameter)
+            and not value.requires_grad
+            and id(value) in self._trainable
+        )
+
+    def _frozen_node(self, node: fx.Node) -> fx.Node:
+        frozen = self._frozen.get(node)
+        if frozen is None or frozen.graph is not self.graph:
+            frozen = self._frozen[node] = self.create_node("call_method", "detach", (node,), {})
+        return frozen
 
     def call_module(self, m, forward, args, kwargs):  # type: ignore[override]
         if (
@@ -132,6 +159,9 @@ class GraphTracer(BlockTracer):
         for node in created:  # newest first: users go before what they use
             self.graph.erase_node(node)
         erased = set(created)
+        for key, frozen in list(self._frozen.items()):
+            if key in erased or frozen in erased:
+                del self._frozen[key]
         cache = self._parameter_cache or {}
         for name, proxy in list(cache.items()):
             if getattr(proxy, "node", None) in erased:
@@ -400,6 +430,7 @@ def trace_program(
     tracer = GraphTracer(model)
     devices = cuda_devices(model)
     changes: list[str] = []
+    flags = [(name, p, p.requires_grad) for name, p in model.named_parameters()]
     before = rng_state(devices)
     try:
         with (
@@ -414,8 +445,17 @@ def trace_program(
         lines = str(exc).strip().splitlines()
         first = lines[0] if lines else ""
         raise GraphUnavailable(f"tracing failed: {type(exc).__name__}: {first}") from exc
+    finally:  # a forward that froze parameters may have stopped before unfreezing them
+        toggled = [name for name, p, flag in flags if p.requires_grad != flag]
+        for _, p, flag in flags:
+            p.requires_grad_(flag)
     drawn = rng_changed(before, rng_state(devices))
     restore_rng(before, devices)
+    if toggled:
+        raise GraphUnavailable(
+            f"the forward pass changes requires_grad of '{toggled[0]}' and leaves it changed; a "
+            "traced program would not repeat that"
+        )
     if changes:
         raise GraphUnavailable(
             f"the forward pass changes the model's attributes ({', '.join(changes[:3])}); a traced "
