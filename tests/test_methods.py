@@ -550,3 +550,45 @@ def test_every_pair_of_scaler_and_method_composes():
     for a, b in itertools.product(scalers, ALL):
         out = build(f"{a}+{b}", **({"seed": 0} if {a, b} & RANDOM else {}))(j)
         assert torch.isfinite(out.gradient).all()
+
+
+@pytest.mark.parametrize("s", [2, 5, 12, 24])
+def test_principal_pivoting_is_exact_from_any_start(s):
+    """Block principal pivoting (UPGrad and DualProj on the CPU): the KKT conditions of
+    min 1/2 x^T Q x + q^T x, x >= 0 (q in Q's range) hold to rounding, from an empty, a full or
+    a random start, on full-rank and rank-deficient (ridged) Q, and the objective is never above
+    the interior point's."""
+    from impartial_train.methods._solvers import nonneg_qp, principal_pivoting
+
+    gen = torch.Generator().manual_seed(s)
+    for rank in (s, max(1, s // 3)):
+        a = torch.randn(s, rank, generator=gen, dtype=F64)
+        q_mat = a @ a.T / rank + 1e-10 * torch.eye(s, dtype=F64)
+        # as in UPGrad and DualProj, q = Q shift: the solution is bounded however flat Q is
+        q_vec = torch.randn(6, s, generator=gen, dtype=F64) @ q_mat
+        starts = [None, torch.ones(6, s, dtype=torch.bool), torch.rand(6, s, generator=gen) < 0.5]
+        ip = nonneg_qp(q_mat.expand(6, s, s), q_vec, 30)
+        for start in starts:
+            x, free = principal_pivoting(q_mat, q_vec, start)
+            assert x is not None
+            y = x @ q_mat + q_vec
+            tol = 1e-9 * (1 + x.abs().amax())
+            assert (x >= 0).all() and (y >= -tol).all() and (x * y).abs().max() <= tol
+            assert torch.equal(free, x > 0) or ((x > 0) <= free).all()
+
+            def objective(v):
+                return 0.5 * ((v @ q_mat) * v).sum(-1) + (q_vec * v).sum(-1)
+
+            assert (objective(x) <= objective(ip.clamp_min(0)) + 1e-12).all()
+
+
+@pytest.mark.parametrize("name", ["upgrad", "dualproj"])
+def test_a_stale_warm_start_changes_nothing(name):
+    """UPGrad and DualProj start from the last call's support: after other matrices (another S
+    too), the result equals a fresh instance's."""
+    agg = build(name)
+    agg(randn(5, 7, 1))
+    agg(randn(3, 7, 2))
+    for seed in (3, 4):
+        j = randn(5, 7, seed) - 0.5 * randn(1, 7, seed + 10)
+        torch.testing.assert_close(agg(j).gradient, build(name)(j).gradient, rtol=1e-10, atol=1e-12)

@@ -29,6 +29,9 @@ class DualConeAggregator(GramianAggregator):
             raise ValueError(f"{self.name}: iters must be >= 1, got {iters!r}")
         self.reg = float(reg)
         self.iters = int(iters)
+        # The free sets of the last solution: the next step's likely support (a start only,
+        # never a result; not state: the weights do not depend on it).
+        self._free: Tensor | None = None
 
     def _repr_options(self) -> dict:
         return {"reg": self.reg}
@@ -40,5 +43,8 @@ class DualConeAggregator(GramianAggregator):
         s = gramian.shape[0]
         cos, norms, nonzero = cosine_matrix(gramian)
         lower = self._lower(s, cos.dtype, cos.device)
-        w = project_dual_cone(cos, norms, nonzero, lower, self.reg, self.iters).sum(0)
+        v, self._free = project_dual_cone(
+            cos, norms, nonzero, lower, self.reg, self.iters, self._free
+        )
+        w = v.sum(0)
         return torch.where(torch.isfinite(w).all(), w, torch.full_like(w, 1.0 / s))

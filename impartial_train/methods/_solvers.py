@@ -2,7 +2,8 @@
 
 Every routine does a fixed amount of work, a fixed number of iterations or one batched solve
 over fixed candidates (no data-dependent Python branching, no ``.item()``), so it works unchanged
-on any device and never waits for the accelerator.
+on any device and never waits for the accelerator. The exception, ``principal_pivoting``, stops
+when it has the answer and is used on the CPU only, where reading a value is no synchronisation.
 Inputs are float64.
 """
 
@@ -20,6 +21,7 @@ __all__ = [
     "lstsq_tikhonov",
     "nash_bargaining",
     "nonneg_qp",
+    "principal_pivoting",
     "project_dual_cone",
     "row_norms",
     "simplex_min_norm",
@@ -221,14 +223,24 @@ def simplex_min_norm(cos: Tensor, norms: Tensor, iters: int = CROSSOVER_ITERS) -
 
 
 def project_dual_cone(
-    cos: Tensor, norms: Tensor, nonzero: Tensor, lower: Tensor, reg: float, iters: int = 30
-) -> Tensor:
-    """Weights v = argmin_{v >= lower} v^T G v (+ reg * sum_i n_i^2 v_i^2), batched over ``lower``.
+    cos: Tensor,
+    norms: Tensor,
+    nonzero: Tensor,
+    lower: Tensor,
+    reg: float,
+    iters: int = 30,
+    start: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Weights v = argmin_{v >= lower} v^T G v (+ reg * sum_i n_i^2 v_i^2), batched over ``lower``,
+    and the free sets of the solution ({v_i > lower_i}, a start for the next call).
 
     J^T v is then the projection of J^T lower onto the dual cone {x : J x >= 0} (Quinton & Rey
     2024, Prop. 1). Solved on unit rows: beta = n * v, x = beta - n * lower >= 0, and the shift
     is normalised to unit max-norm (the solution is positively homogeneous in it). Zero rows
-    keep their lower bound.
+    keep their lower bound. On the CPU, block principal pivoting (``principal_pivoting``, from
+    ``start`` when given) finds the exact solution; where it does not settle, and on other
+    devices (where reading its convergence flag would wait for the device), ``iters``
+    interior-point iterations do.
     """
     shift = norms * lower
     scale = shift.abs().amax(-1, keepdim=True)  # 0: the solution is v = lower exactly
@@ -236,10 +248,59 @@ def project_dual_cone(
     eye = torch.eye(cos.shape[-1], dtype=cos.dtype, device=cos.device)
     q_mat = cos + reg * eye
     q_vec = (q_mat @ s.unsqueeze(-1)).squeeze(-1)
-    x = nonneg_qp(q_mat.expand(*s.shape[:-1], *q_mat.shape[-2:]), q_vec, iters)
+    x, free = None, None
+    if cos.device.type == "cpu":
+        x, free = principal_pivoting(q_mat, q_vec, start)
+    if x is None:
+        x = nonneg_qp(q_mat.expand(*s.shape[:-1], *q_mat.shape[-2:]), q_vec, iters)
+        free = x > 0
     beta = (x.clamp_min(0.0) + s) * scale
     safe = torch.where(nonzero, norms, 1.0)
-    return torch.where(nonzero, beta / safe, lower)
+    return torch.where(nonzero, beta / safe, lower), free
+
+
+# Infeasibility below this (on the unit-scaled problems of project_dual_cone) counts as 0.
+_PIVOT_TOL = 1e-13
+
+
+def principal_pivoting(
+    q_mat: Tensor, q_vec: Tensor, start: Tensor | None = None
+) -> tuple[Tensor | None, Tensor | None]:
+    """min 1/2 x^T Q x + q^T x s.t. x >= 0 for a positive definite Q (one matrix, a batch of q),
+    by block principal pivoting (Judice & Pires 1994), on the CPU only.
+
+    A guess of the free set F gives x_F = -Q_FF^-1 q_F, x = 0 elsewhere, and the multipliers
+    y = Q x + q (0 on F). Where x_F < 0 or y < 0 off F, the guess is wrong there: every such index
+    switches sides at once while their count keeps falling; after three rounds without progress
+    only the largest one switches (Murty's rule, which cannot cycle for a positive definite Q).
+    One batched solve per round; the free sets start from ``start`` (the last call's, when the
+    shapes fit) or empty. Returns (x, F) once no index is wrong (the exact solution, up to the
+    solves' rounding), or (None, None) after 3S + 10 rounds. Reading the stop test is free on the
+    CPU; on an accelerator it would wait for the device, so callers use the interior point there.
+    """
+    batch, n = q_vec.shape
+    free = torch.zeros(batch, n, dtype=torch.bool, device=q_vec.device)
+    if start is not None and start.shape == free.shape:
+        free = start.clone()
+    eye = torch.eye(n, dtype=q_mat.dtype, device=q_mat.device)
+    position = torch.arange(1, n + 1, device=q_vec.device)
+    best = torch.full((batch,), n + 1, device=q_vec.device)
+    patience = torch.full((batch,), 3, device=q_vec.device)
+    for _ in range(3 * n + 10):
+        system = torch.where(free.unsqueeze(-1) & free.unsqueeze(-2), q_mat, eye)
+        x, _ = torch.linalg.solve_ex(system, torch.where(free, -q_vec, 0.0))
+        y = x @ q_mat + q_vec
+        # (a singular system's non-finite x counts as wrong: ~(nan >= t) is True)
+        wrong = ~torch.where(free, x >= -_PIVOT_TOL, y >= -_PIVOT_TOL)
+        count = wrong.sum(-1)
+        if not bool(count.any()):
+            return x.clamp_min(0.0), free
+        progress = count < best
+        best = torch.where(progress, count, best)
+        patience = torch.where(progress, 3, patience - 1)
+        last = torch.nn.functional.one_hot((wrong * position).argmax(-1), n).bool()
+        free = free ^ torch.where((patience >= 0).unsqueeze(-1), wrong, last & wrong)
+    return None, None
 
 
 def lstsq_tikhonov(k: Tensor, rhs: Tensor, rel_eps: float = 1e-8, steps: int = 6) -> Tensor:

@@ -18,7 +18,8 @@ class DualProj(DualConeAggregator):
     :math:`v = \arg\min_{v \ge 1/S} v^\top G v` (Proposition 1), :math:`\pi_J` the projection
     onto :math:`\{x : J x \ge 0\}`.
 
-    Solver: as UPGrad (interior point on unit rows, ridge 1e-10).
+    Solver: as UPGrad (block principal pivoting on the CPU, interior point elsewhere; unit rows,
+    ridge 1e-10).
 
     Properties: permutation invariant, positively homogeneous, non-conflicting (up to the
     ridge). One stream: the identity. Stateless.

@@ -19,10 +19,12 @@ class UPGrad(DualConeAggregator):
     :math:`v = \arg\min_{v \ge u} v^\top G v`, so the weights are
     :math:`w = \sum_i v^{(i)}` with :math:`u = e_i / S`.
 
-    Solver: the S small quadratic programs run as one batch of the primal-dual interior-point
-    method (see MGDA) on the unit rows, with a ridge :math:`10^{-10}\sum_i \|v_i g_i\|^2`
-    that makes each solution unique and bounded (the paper's reference code uses a ridge too).
-    A zero row keeps its lower bound.
+    Solver: the S small quadratic programs run as one batch on the unit rows, with a ridge
+    :math:`10^{-10}\sum_i \|v_i g_i\|^2` that makes each solution unique and bounded (the
+    paper's reference code uses a ridge too): on the CPU by block principal pivoting, an
+    active-set method that stops at the exact solution and starts from the last call's support;
+    elsewhere by the primal-dual interior-point method of MGDA (see docs/methods.md). A zero row
+    keeps its lower bound.
 
     Properties: permutation invariant, positively homogeneous, non-conflicting
     (:math:`J A(J) \ge 0`, up to the ridge), linear under scaling of the rows' weights. One
