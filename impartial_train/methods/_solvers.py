@@ -286,15 +286,16 @@ def principal_pivoting(
     position = torch.arange(1, n + 1, device=q_vec.device)
     best = torch.full((batch,), n + 1, device=q_vec.device)
     patience = torch.full((batch,), 3, device=q_vec.device)
+    neg_q = -q_vec
     for _ in range(3 * n + 10):
         system = torch.where(free.unsqueeze(-1) & free.unsqueeze(-2), q_mat, eye)
-        x, _ = torch.linalg.solve_ex(system, torch.where(free, -q_vec, 0.0))
+        x, _ = torch.linalg.solve_ex(system, torch.where(free, neg_q, 0.0))
         y = x @ q_mat + q_vec
         # (a singular system's non-finite x counts as wrong: ~(nan >= t) is True)
         wrong = ~torch.where(free, x >= -_PIVOT_TOL, y >= -_PIVOT_TOL)
-        count = wrong.sum(-1)
-        if not bool(count.any()):
+        if not bool(wrong.any()):
             return x.clamp_min(0.0), free
+        count = wrong.sum(-1)
         progress = count < best
         best = torch.where(progress, count, best)
         patience = torch.where(progress, 3, patience - 1)
