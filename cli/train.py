@@ -518,7 +518,7 @@ def _run_config(
     }
 
 
-def _fit(trainer, train_ds, val_ds, evaluate, options, out: Path, resume: bool):
+def _fit(trainer, train_ds, val_ds, evaluate, options, out: Path, resume: bool, lock=True):
     return trainer.fit(
         train_ds,
         epochs=int(options["epochs"]),
@@ -527,6 +527,7 @@ def _fit(trainer, train_ds, val_ds, evaluate, options, out: Path, resume: bool):
         val_every=int(options["val_every"]),
         out=out,
         resume=resume,
+        lock=lock,
     )
 
 
@@ -558,6 +559,7 @@ def ddp_worker(rank: int, world: int, payload: dict[str, Any]) -> Any:
         payload["options"],
         Path(payload["out"]),
         payload["resume"],
+        lock=False,  # the parent process holds the run directory's lock
     )
     return history if rank == 0 else None
 
@@ -605,7 +607,15 @@ def train_one(
     resume: bool,
     argv: Sequence[str],
 ) -> list[dict[str, Any]]:
-    """Train one method into ``out`` (on ``--devices`` processes)."""
+    """Train one method into ``out`` (on ``--devices`` processes), holding its run lock."""
+    from impartial_train.distributed import rank
+    from impartial_train.runlock import run_lock
+
+    with run_lock(out, enabled=rank() == 0):
+        return _train_one(mf, options, method, out, resume, argv)
+
+
+def _train_one(mf, options, method, out: Path, resume: bool, argv) -> list[dict[str, Any]]:
     from impartial_train.trainer import CHECKPOINT
 
     if not resume and (out / CHECKPOINT).exists():
@@ -825,6 +835,8 @@ def _resume_command(model_arg: str, out: Path) -> str:
 def _main(argv: list[str]) -> int:
     from cli.loader import load_model_file
     from impartial_train.checkpoint import TrainingInterrupted
+    from impartial_train.distributed import rank
+    from impartial_train.runlock import run_lock
 
     args = build_parser().parse_args(argv)
     model_path = Path(args.model)
@@ -842,7 +854,8 @@ def _main(argv: list[str]) -> int:
         )
     try:
         if options.get("compare") is not None or options.get("seeds"):
-            return compare(mf, options, out, args.resume, argv)
+            with run_lock(out, enabled=rank() == 0):
+                return compare(mf, options, out, args.resume, argv)
         train_one(mf, options, options["method"], out, args.resume, argv)
     except TrainingInterrupted as exc:
         from rich.text import Text

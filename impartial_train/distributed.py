@@ -56,6 +56,7 @@ __all__ = [
     "DistributedHookEngine",
     "LossModule",
     "ShardedBatchSampler",
+    "agree",
     "free_port",
     "is_distributed",
     "launch",
@@ -85,6 +86,28 @@ def world_size() -> int:
     import torch.distributed as dist
 
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def agree(action: Callable[[], Any] | None) -> None:
+    """Run ``action`` on rank 0 (ranks pass None or the same callable) and let every rank of
+    the group raise what it raised there: a user error found by rank 0 alone (a busy run
+    directory, a bad checkpoint) ends all ranks with its message instead of leaving the others
+    waiting for rank 0 in their next collective."""
+    import torch.distributed as dist
+
+    message: list[Any] = [None]
+    error: BaseException | None = None
+    if rank() == 0 and action is not None:
+        try:
+            action()
+        except BlockfinderError as exc:
+            error = exc
+            message = [str(exc)]
+    dist.broadcast_object_list(message, src=0)
+    if error is not None:
+        raise error
+    if message[0] is not None:
+        raise BlockfinderError(message[0])
 
 
 def free_port() -> int:

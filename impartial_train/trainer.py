@@ -72,12 +72,14 @@ from impartial_train.data import (
 )
 from impartial_train.epoch import RESERVED_COLUMNS, EpochState
 from impartial_train.errors import ResumeError, TrainingError
+from impartial_train.runlock import RunDirectoryBusy, RunLock
 from impartial_train.wrap import ImpartialModel
 
 __all__ = [
     "OPTIMIZERS",
     "RESERVED_COLUMNS",
     "ResumeError",
+    "RunDirectoryBusy",
     "Trainer",
     "TrainingError",
     "TrainingInterrupted",
@@ -436,6 +438,7 @@ class Trainer:
         val_every: int = 1,
         out: str | os.PathLike[str] | None = None,
         resume: bool = False,
+        lock: bool = True,
     ) -> list[dict[str, Any]]:
         """Train until ``epochs`` epochs are done in total; return the history (metrics rows).
 
@@ -444,12 +447,29 @@ class Trainer:
         ``val_every`` epochs and after the last, on the val loader (or, without one, on the
         training data in order). ``out``: directory of the outputs. ``resume``: continue from
         ``out/checkpoint.pt`` (same model and method; states, RNGs and data order restored).
+        ``lock``: hold the OS lock of ``out`` while training (:mod:`impartial_train.runlock`;
+        a run directory held by another live process is a :class:`RunDirectoryBusy` error);
+        False only where a parent process holds it for this one.
         """
         if epochs < 0:
             raise TrainingError(f"epochs must be >= 0, got {epochs}")
         if val_every < 1:
             raise TrainingError(f"val_every must be >= 1, got {val_every}")
         self.out = Path(out) if out is not None else None
+        held = RunLock(self.out) if lock and self.out is not None and self.is_main else None
+        if self.distributed:  # every rank fails alike, instead of waiting for rank 0 forever
+            from impartial_train.distributed import agree
+
+            agree(held.acquire if held is not None else None)
+        elif held is not None:
+            held.acquire()
+        try:
+            return self._fit(train, epochs, val, evaluate, val_every, resume)
+        finally:
+            if held is not None:
+                held.release()
+
+    def _fit(self, train, epochs, val, evaluate, val_every, resume) -> list[dict[str, Any]]:
         loader = self._as_loader(train, shuffle=True)
         val_loader = self._as_loader(val, shuffle=False, world=1) if val is not None else None
         eval_loader = val_loader
