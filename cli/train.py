@@ -837,6 +837,7 @@ def _main(argv: list[str]) -> int:
     from impartial_train.checkpoint import TrainingInterrupted
     from impartial_train.distributed import rank
     from impartial_train.runlock import run_lock
+    from impartial_train.signals import TrainingAborted
 
     args = build_parser().parse_args(argv)
     model_path = Path(args.model)
@@ -864,7 +865,18 @@ def _main(argv: list[str]) -> int:
             Text(f"{exc.describe()}; resume with: {_resume_command(args.model, out)}", "yellow"),
             soft_wrap=True,
         )
-        return 130
+        return 128 + exc.signal
+    except TrainingAborted as exc:
+        from rich.text import Text
+
+        if exc.checkpoint is None:  # aborted in the parent of --devices ranks
+            found = [out / "checkpoint.pt", *sorted(out.glob("*/checkpoint.pt"))]
+            saved = [p for p in found if p.is_file()]
+            if saved:
+                exc = TrainingAborted(exc.signal, str(saved[0]))
+        tail = f": {_resume_command(args.model, out)}" if exc.checkpoint is not None else ""
+        err_console().print(Text(f"{exc.describe()}{tail}", "yellow"), soft_wrap=True)
+        return 128 + exc.signal
     return 0
 
 

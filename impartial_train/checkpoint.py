@@ -107,23 +107,37 @@ def restore_rng(state: dict[str, Any], generators: Iterable[torch.Generator | No
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Training stopped on Ctrl-C (SIGINT) after saving a checkpoint it can resume from."""
+    """Training stopped on a signal (SIGINT: Ctrl-C, or SIGTERM) after saving a checkpoint it
+    can resume from. ``signal``: the signal's number (the CLI exits with 128 + it)."""
 
-    def __init__(self, checkpoint: str, epoch: int, step: int, steps: int | None = None) -> None:
+    def __init__(
+        self,
+        checkpoint: str,
+        epoch: int,
+        step: int,
+        steps: int | None = None,
+        signal: int = 2,
+    ) -> None:
         self.checkpoint = str(checkpoint)
         self.epoch = int(epoch)  # completed epochs
         self.step = int(step)  # batches done in the next epoch (0: at an epoch boundary)
         self.steps = steps
+        self.signal = int(signal)
         super().__init__(self.describe())
 
     def describe(self) -> str:
+        from impartial_train.signals import signal_name
+
         if self.step:
             where = f"epoch {self.epoch + 1}, step {self.step}"
             if self.steps:
                 where += f"/{self.steps}"
         else:
             where = f"the end of epoch {self.epoch}"
-        return f"interrupted at {where}; checkpoint saved to {self.checkpoint}"
+        return (
+            f"interrupted ({signal_name(self.signal)}) at {where}; checkpoint saved to "
+            f"{self.checkpoint}"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -131,8 +145,15 @@ class TrainingInterrupted(KeyboardInterrupt):
             "epoch": self.epoch,
             "step": self.step,
             "steps": self.steps,
+            "signal": self.signal,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainingInterrupted:
-        return cls(data["checkpoint"], data["epoch"], data["step"], data.get("steps"))
+        return cls(
+            data["checkpoint"],
+            data["epoch"],
+            data["step"],
+            data.get("steps"),
+            data.get("signal", 2),
+        )

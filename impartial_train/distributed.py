@@ -50,6 +50,7 @@ from torch import nn
 from blockfinder.errors import BlockfinderError
 from impartial_train.checkpoint import TrainingInterrupted
 from impartial_train.engine.hooks import HookEngine
+from impartial_train.signals import TrainingAborted
 
 __all__ = [
     "DistributedError",
@@ -61,6 +62,7 @@ __all__ = [
     "is_distributed",
     "launch",
     "rank",
+    "stop_requested",
     "world_size",
 ]
 
@@ -249,6 +251,15 @@ class DistributedHookEngine(HookEngine):
 # launching
 
 
+# the parent's stop request, shared with the processes it spawned (0: none, else the signal)
+_STOP: Any = None
+
+
+def stop_requested() -> int:
+    """The signal of a stop request of the process that spawned this one (``launch``), or 0."""
+    return int(_STOP.value) if _STOP is not None else 0
+
+
 def _worker_entry(
     local_rank: int,
     fn: Callable[..., Any],
@@ -256,13 +267,17 @@ def _worker_entry(
     backend: str,
     result_dir: str,
     args: Sequence[Any],
+    stop: Any = None,
 ) -> None:
-    """Runs in each spawned process: its own process group for signals (the parent forwards
-    Ctrl-C once), ``init_process_group``, ``fn(rank, world, *args)``, and a result file."""
+    """Runs in each spawned process: its own process group for signals (the parent passes a
+    stop request on through ``stop``), ``init_process_group``, ``fn(rank, world, *args)``, and a
+    result file."""
+    global _STOP
     import torch.distributed as dist
 
+    _STOP = stop
     with contextlib.suppress(OSError):
-        os.setpgid(0, 0)  # the terminal's Ctrl-C reaches the parent only; it forwards it once
+        os.setpgid(0, 0)  # the terminal's Ctrl-C reaches the parent only; it passes it on
     result: dict[str, Any] = {"rank": local_rank, "status": "ok", "time": time.time()}
     path = Path(result_dir) / f"rank{local_rank}.json"
     threads = max(1, (os.cpu_count() or 1) // world)
@@ -279,6 +294,10 @@ def _worker_entry(
                 dist.destroy_process_group()
     except TrainingInterrupted as exc:
         result.update(status="interrupted", **exc.to_dict())
+    except TrainingAborted as exc:  # a second signal: the parent stops the other ranks
+        result.update(status="aborted", signal=exc.signal)
+        path.write_text(json.dumps(result, default=str))
+        raise
     except BaseException as exc:
         result.update(
             status="error",
@@ -303,39 +322,50 @@ def launch(
     ``torch.distributed`` (gloo on CPU, nccl on GPU; MASTER_ADDR=127.0.0.1 and a free port).
 
     ``fn`` must be importable (a module-level function) and its arguments picklable. Returns the
-    values returned by each rank (JSON-able). A :class:`TrainingInterrupted` raised by the ranks
-    (Ctrl-C, forwarded once to every rank) is raised here; a failing rank raises
+    values returned by each rank (JSON-able). The first SIGINT or SIGTERM the parent receives
+    asks every rank to stop after its step with a checkpoint (:func:`stop_requested`), and the
+    :class:`TrainingInterrupted` they raise is raised here; a second one kills the ranks and
+    raises :class:`~impartial_train.signals.TrainingAborted`. A failing rank raises
     :class:`DistributedError` (with the rank's message; the others are stopped).
     """
     import torch.multiprocessing as mp
+
+    from impartial_train.signals import DUPLICATE_WINDOW, STOP_SIGNALS
 
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(free_port())
+    stop = mp.get_context("spawn").Value("i", 0, lock=False)
     with tempfile.TemporaryDirectory(prefix="impartial-ddp-") as result_dir:
         context = mp.start_processes(
             _worker_entry,
-            args=(fn, nprocs, backend, result_dir, tuple(args)),
+            args=(fn, nprocs, backend, result_dir, tuple(args), stop),
             nprocs=nprocs,
             join=False,
             start_method="spawn",
         )
-        interrupts = 0
+        first_at = 0.0
 
-        def on_sigint(signum, frame):
-            nonlocal interrupts
-            interrupts += 1
+        def on_signal(signum, frame):
+            nonlocal first_at
+            if not stop.value:
+                stop.value, first_at = int(signum), time.monotonic()
+                return
+            if time.monotonic() - first_at < DUPLICATE_WINDOW:
+                return  # the same request relayed twice
             for proc in context.processes:
                 if proc.is_alive() and proc.pid:
                     with contextlib.suppress(OSError):
-                        os.kill(proc.pid, signal.SIGINT if interrupts == 1 else signal.SIGTERM)
-            if interrupts > 2:
-                raise KeyboardInterrupt
+                        os.kill(proc.pid, signal.SIGKILL)
+            for proc in context.processes:
+                proc.join(timeout=10)
+            raise TrainingAborted(signum)
 
-        previous = None
+        previous = {}
         with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
-            previous = signal.signal(signal.SIGINT, on_sigint)
+            for s in STOP_SIGNALS:
+                previous[s] = signal.signal(s, on_signal)
         failure: BaseException | None = None
         try:
             while True:
@@ -349,9 +379,12 @@ def launch(
                     failure = exc
                     break
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
+            for s, handler in previous.items():
+                signal.signal(s, handler)
         results = _read_results(result_dir, nprocs)
+    aborted = [r for r in results if r and r.get("status") == "aborted"]
+    if aborted:
+        raise TrainingAborted(aborted[0]["signal"])
     if failure is not None:
         raise _failure(results, failure)
     interrupted = [r for r in results if r and r.get("status") == "interrupted"]

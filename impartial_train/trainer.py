@@ -39,7 +39,6 @@ import os
 import platform
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
@@ -73,6 +72,7 @@ from impartial_train.data import (
 from impartial_train.epoch import RESERVED_COLUMNS, EpochState
 from impartial_train.errors import ResumeError, TrainingError
 from impartial_train.runlock import RunDirectoryBusy, RunLock
+from impartial_train.signals import StopRequest, TrainingAborted
 from impartial_train.wrap import ImpartialModel
 
 __all__ = [
@@ -81,6 +81,7 @@ __all__ = [
     "ResumeError",
     "RunDirectoryBusy",
     "Trainer",
+    "TrainingAborted",
     "TrainingError",
     "TrainingInterrupted",
     "batch_size_of",
@@ -300,7 +301,8 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self._pending_optimizer: dict[str, Any] | None = None
         self._resume_epoch: dict[str, Any] | None = None
-        self._stop = False
+        self._stop = StopRequest(self._last_checkpoint, announce=self.progress and self.is_main)
+        self._saved: tuple[str, int, int] | None = None  # the newest checkpoint: path, epoch, step
         self._announced = False
         self._writer = None
         self.out: Path | None = None
@@ -507,7 +509,7 @@ class Trainer:
         return self.history
 
     def _loop(self, loader, val_loader, eval_loader, evaluate, epochs: int, val_every: int):
-        with self._sigint(), self._progress() as progress:
+        with self._stop.listen(), self._progress() as progress:
             if self.epoch >= epochs and self.is_main and self.progress:
                 self._print(f"already trained {self.epoch} epoch(s) (asked for {epochs})")
             while self.epoch < epochs:
@@ -516,12 +518,14 @@ class Trainer:
                 due = epoch % val_every == 0 or epoch == epochs
                 if due and (val_loader is not None or evaluate is not None):
                     self._validate(val_loader, eval_loader, evaluate, epoch, progress)
-                if self.is_main:
-                    self._log_epoch(epoch)
-                self._save_checkpoint(step=0)
-                if self._stop_agreed():
+                with self._stop.critical():
+                    if self.is_main:
+                        self._log_epoch(epoch)
+                    self._save_checkpoint(step=0)
+                signum = self._stop_agreed()
+                if signum:
                     raise TrainingInterrupted(
-                        self._checkpoint_path_for_message(), self.epoch, 0, None
+                        self._checkpoint_path_for_message(), self.epoch, 0, None, signum
                     )
 
     # the epoch ---------------------------------------------------------------------------------
@@ -574,15 +578,17 @@ class Trainer:
             if not self._announced and self.is_main:
                 self._announced = True
                 progress.announce_surgery(self.imodel)
-            if self._stop_agreed():
-                self._save_checkpoint(
-                    step=step,
-                    epoch_state=state,
-                    epoch_start_rng=epoch_start_rng,
-                )
+            signum = self._stop_agreed()
+            if signum:
+                with self._stop.critical():
+                    self._save_checkpoint(
+                        step=step,
+                        epoch_state=state,
+                        epoch_start_rng=epoch_start_rng,
+                    )
                 progress.stop_epoch(task, state, interrupted=True)
                 raise TrainingInterrupted(
-                    self._checkpoint_path_for_message(), self.epoch, step, total_steps
+                    self._checkpoint_path_for_message(), self.epoch, step, total_steps, signum
                 )
         if state.count == 0:
             raise TrainingError("the training data yielded no batch: the dataset is empty")
@@ -680,34 +686,28 @@ class Trainer:
                 return row
         raise KeyError((epoch, split))  # pragma: no cover
 
-    # stopping on Ctrl-C ------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _sigint(self):
-        """First Ctrl-C: stop after the current step with a checkpoint; second: abort now."""
-        self._stop = False
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
+    # stopping on a signal (SIGINT, SIGTERM: impartial_train.signals) ---------------------------
+    def _stop_agreed(self) -> int:
+        """The signal of a stop request of this process, of the parent that spawned it
+        (``--devices``), or of any rank; 0 when none."""
+        from impartial_train import distributed as dist_utils
 
-        def handler(signum, frame):
-            if self._stop:
-                raise KeyboardInterrupt
-            self._stop = True
-
-        previous = signal.signal(signal.SIGINT, handler)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGINT, previous)
-
-    def _stop_agreed(self) -> bool:
+        signum = self._stop.signal or dist_utils.stop_requested()
         if not self.distributed:
-            return self._stop
-        return self._all_reduce([1.0 if self._stop else 0.0])[0] > 0
+            return signum
+        import torch.distributed as dist
 
-    def request_stop(self) -> None:
-        """Stop after the current step, with a checkpoint (what Ctrl-C does)."""
-        self._stop = True
+        device = self.device if self.device.type == "cuda" else torch.device("cpu")
+        flag = torch.tensor([float(signum)], dtype=torch.float64, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+    def request_stop(self, signum: int = signal.SIGINT) -> None:
+        """Stop after the current step, with a checkpoint (what Ctrl-C and SIGTERM do)."""
+        self._stop.request(signum)
+
+    def _last_checkpoint(self) -> tuple[str, int, int] | None:
+        return self._saved
 
     # checkpoints -------------------------------------------------------------------------------
     def _checkpoint_path_for_message(self) -> str:
@@ -756,6 +756,7 @@ class Trainer:
             "versions": versions(),
         }
         save_atomic(checkpoint, self.out / CHECKPOINT)
+        self._saved = (str(self.out / CHECKPOINT), self.epoch, step)
 
     def _resume(self, path: Path, loader: Any) -> None:
         if not path.is_file():
@@ -832,6 +833,7 @@ class Trainer:
                 f"{ckpt.get('batch_size')}: resume with --batch-size {ckpt.get('batch_size')}"
             )
         self.model.load_state_dict(ckpt["model"])
+        self._saved = (str(path), int(ckpt["epoch"]), int(ckpt.get("step", 0)))
         self.imodel.load_methods_state_dict(ckpt.get("methods", {}))
         self._load_optimizer(ckpt["optimizer"])
         self.epoch = int(ckpt["epoch"])

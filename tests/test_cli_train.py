@@ -128,7 +128,7 @@ def test_sigint_saves_a_checkpoint_and_resume_completes(tmp_path, monkeypatch, c
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 130, stderr
-    assert "interrupted at" in stderr and "checkpoint saved to" in stderr
+    assert "interrupted (SIGINT) at" in stderr and "checkpoint saved to" in stderr
     assert f"resume with: impartial-train {TINY} --out {out} --resume" in stderr
     assert "Traceback" not in stderr
     ckpt = load_checkpoint(out / "checkpoint.pt")

@@ -14,6 +14,11 @@ BATCH_SIZE = 16
 HIDDEN = int(os.environ.get("TINY_HIDDEN", "8"))
 SLEEP = float(os.environ.get("TINY_SLEEP", "0"))  # seconds per training batch (SIGINT test)
 ROWS = int(os.environ.get("TINY_ROWS", "64"))
+# signal tests: a training step that cannot finish. After TINY_BLOCK_AFTER training steps,
+# every step waits (at most 60 s) while the file TINY_BLOCK exists, and touches TINY_BLOCK.waiting
+BLOCK = os.environ.get("TINY_BLOCK")
+BLOCK_AFTER = int(os.environ.get("TINY_BLOCK_AFTER", "0"))
+_steps = [0]
 
 
 class Tiny(nn.Module):
@@ -54,6 +59,13 @@ def compute_losses(model, batch):
     (x,) = batch
     if SLEEP and model.training:
         time.sleep(SLEEP)
+    if BLOCK and model.training and torch.is_grad_enabled():
+        _steps[0] += 1
+        if _steps[0] > BLOCK_AFTER and os.path.exists(BLOCK):
+            open(BLOCK + ".waiting", "w").close()
+            deadline = time.time() + 60
+            while os.path.exists(BLOCK) and time.time() < deadline:
+                time.sleep(0.02)
     out_a, out_b, mu, logvar = model(x)
     return {
         "attr_a": ((out_a - x[:, :4]) ** 2).mean(),
