@@ -870,10 +870,9 @@ def _main(argv: list[str]) -> int:
         from rich.text import Text
 
         if exc.checkpoint is None:  # aborted in the parent of --devices ranks
-            found = [out / "checkpoint.pt", *sorted(out.glob("*/checkpoint.pt"))]
-            saved = [p for p in found if p.is_file()]
-            if saved:
-                exc = TrainingAborted(exc.signal, str(saved[0]))
+            saved = sorted(out.rglob("checkpoint.pt"), key=lambda p: p.stat().st_mtime)
+            if saved:  # the newest (a comparison has one per method and seed)
+                exc = TrainingAborted(exc.signal, str(saved[-1]))
         tail = f": {_resume_command(args.model, out)}" if exc.checkpoint is not None else ""
         err_console().print(Text(f"{exc.describe()}{tail}", "yellow"), soft_wrap=True)
         return 128 + exc.signal
